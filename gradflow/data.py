@@ -1,0 +1,35 @@
+"""Synthetic ground truths and observation patterns, generated in code."""
+
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from ._checks import check_dims, check_positive
+from .models.cp import CP
+
+
+def random_cp_tensor(
+    key: PRNGKeyArray, dims: Sequence[int], rank: int, norm: float = 1.0
+) -> Float[Array, "..."]:
+    """A tensor of CP rank `rank` with Gaussian factors, rescaled to Frobenius `norm`.
+
+    This is the ground truth of the tensor-factorization paper's code (THEORY.md §3.10).
+    """
+    check_positive("norm", norm)
+    tensor = CP.gaussian(key, dims, rank, 1.0).full()
+    return norm * tensor / jnp.linalg.norm(tensor)
+
+
+def sample_indices(
+    key: PRNGKeyArray, shape: Sequence[int], num: int
+) -> Int[Array, "num order"]:
+    """`num` distinct entries of a tensor of `shape`, uniformly without repetition."""
+    shape = check_dims("shape", shape)
+    size = int(np.prod(shape))
+    if not isinstance(num, int) or not 1 <= num <= size:
+        raise ValueError(f"`num` must be an int in [1, {size}], got {num!r}.")
+    flat = jr.choice(key, size, (num,), replace=False)
+    return jnp.stack(jnp.unravel_index(flat, shape), axis=1)

@@ -1,0 +1,251 @@
+"""`flow`: integrate the gradient-flow ODE dθ/dt = −∇φ(θ) with Diffrax."""
+
+import time
+
+import diffrax as dfx
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optimistix as optx
+
+from . import observers as _observers
+from ._checks import check_positive, concrete
+from .models.base import AbstractAdditiveFactorization, AbstractFactorization
+from .objectives import AbstractObjective
+from .progress import LogTimeProgressMeter
+from .solvers import RosenbrockW
+from .trajectory import Trajectory
+
+
+class FlowError(RuntimeError):
+    """A solve that did not finish. `error.trajectory` holds what was computed."""
+
+    def __init__(self, trajectory: Trajectory):
+        self.trajectory = trajectory
+        super().__init__(
+            f"gradient flow did not finish: {trajectory.reason} "
+            f"(t = {trajectory.t_final:.6g}, {trajectory.stats['steps']} steps). "
+            "The partial trajectory is in `error.trajectory`; pass `throw=False` to "
+            "get it returned instead."
+        )
+
+
+def default_solver(model: AbstractFactorization) -> dfx.AbstractSolver:
+    """`RosenbrockW()` for additive models (CP), else Diffrax's `Tsit5()`."""
+    if isinstance(model, AbstractAdditiveFactorization):
+        return RosenbrockW()
+    return dfx.Tsit5()
+
+
+def default_save_times(t1: float, num: int = 256) -> np.ndarray:
+    """0 followed by a geometric grid from `t1`·1e-8 to `t1`."""
+    return np.concatenate([[0.0], np.geomspace(t1 * 1e-8, t1, num - 1)])
+
+
+def vector_field(t, model, objective):
+    """$-\\nabla\\phi$ at `model`."""
+    return jax.tree.map(jnp.negative, eqx.filter_grad(objective)(model))
+
+
+def flow(
+    model: AbstractFactorization,
+    objective: AbstractObjective,
+    *,
+    t1: float,
+    loss_tol: float | None = None,
+    radius: float | None = None,
+    save_times=None,
+    observers=None,
+    solver: dfx.AbstractSolver | None = None,
+    rtol: float = 1e-8,
+    atol: float | None = None,
+    max_steps: int = 100_000,
+    progress: bool = False,
+    throw: bool = True,
+) -> Trajectory:
+    """Integrate gradient flow from `model` on `objective` and observe it.
+
+    Stops at the first of: physical time `t1`; loss below `loss_tol`; Frobenius norm
+    of the end tensor reaching `radius` (its hitting time is located by a root
+    find on the solver's dense output).
+
+    **Arguments:**
+
+    - `model`: the initial factorization (e.g. `gradflow.CP.gaussian(...)`).
+    - `objective`: a `Completion` or `Sensing` objective of the same shape.
+    - `t1`: final physical time (> 0).
+    - `loss_tol`: stop when the loss drops below this value.
+    - `radius`: stop when $\\|\\mathcal W\\| = $ `radius` is reached.
+    - `save_times`: physical times at which observers are recorded; by default 0 and
+      a geometric grid up to `t1` ([`gradflow.default_save_times`][]).
+    - `observers`: names from `gradflow.observers.BY_NAME`, callables
+      `(t, model, objective) -> pytree`, or a `{name: callable}` dict. Default:
+      loss, component norms and end-tensor norm.
+    - `solver`: any Diffrax adaptive solver; default [`gradflow.default_solver`][]
+      (a Rosenbrock-W method whose cost stays nearly flat as the init scale shrinks).
+    - `rtol`, `atol`: step-size control tolerances. `atol` defaults to `rtol` times
+      the RMS of the initial weights, so small inits are resolved, not skipped.
+    - `max_steps`: the most solver steps before the solve is declared failed.
+    - `progress`: show a progress bar (in log physical time) on the terminal.
+    - `throw`: raise [`gradflow.FlowError`][] (carrying the partial trajectory) if
+      the solve does not finish; with `False` the trajectory is returned with its
+      `status` saying why.
+
+    **Returns:** a [`gradflow.Trajectory`][].
+    """
+    if not isinstance(objective, AbstractObjective):
+        raise TypeError(f"`objective` must be a gradflow objective, got {objective!r}.")
+    objective.check_model(model)
+    _check_weights(model)
+    check_positive("t1", t1)
+    for name, value in (("loss_tol", loss_tol), ("radius", radius)):
+        if value is not None:
+            check_positive(name, value)
+    check_positive("rtol", rtol)
+    if not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f"`max_steps` must be a positive int, got {max_steps!r}.")
+    dtype = jax.tree.leaves(model)[0].dtype
+    save_times = _check_save_times(
+        default_save_times(float(t1)) if save_times is None else save_times, t1
+    )
+    if atol is None:
+        flat = jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(model)])
+        atol = float(rtol) * float(jnp.sqrt(jnp.mean(flat**2)))
+        atol = atol if atol > 0 else float(rtol)
+    check_positive("atol", atol)
+    solver = default_solver(model) if solver is None else solver
+    observers = _observers.resolve(observers)
+    stops = tuple(n for n, v in (("loss", loss_tol), ("radius", radius)) if v is not None)
+
+    as_time = lambda x: jnp.asarray(x, dtype)
+    start = time.perf_counter()
+    ys, ts, result, stats, mask = _solve(
+        model,
+        objective,
+        as_time(t1),
+        as_time(save_times),
+        as_time(0.0 if loss_tol is None else loss_tol),
+        as_time(0.0 if radius is None else radius),
+        as_time(rtol),
+        as_time(atol),
+        solver=solver,
+        observers=observers,
+        stops=stops,
+        max_steps=max_steps,
+        progress=LogTimeProgressMeter(float(t1), float(save_times[1])) if progress else None,
+    )
+    jax.block_until_ready(ys)
+    wall = time.perf_counter() - start
+
+    saved, final, final_model = ys
+    t_final = float(ts[1][0])
+    keep = np.asarray(ts[0]) <= t_final
+    status = _status(result, mask, stops, final)
+    evals_per_step = getattr(solver, "evaluations_per_step", None)
+    steps = int(stats["num_steps"])
+    trajectory = Trajectory(
+        ts=np.asarray(ts[0])[keep],
+        observations={k: np.asarray(v)[keep] for k, v in saved.items()},
+        t_final=t_final,
+        final={k: np.asarray(v[0]) for k, v in final.items()},
+        model=jax.tree.map(lambda x: x[0], final_model),
+        status=status,
+        stats={
+            "steps": steps,
+            "accepted_steps": int(stats["num_accepted_steps"]),
+            "rejected_steps": int(stats["num_rejected_steps"]),
+            "gradient_evaluations": (
+                None if evals_per_step is None else evals_per_step * steps + 1
+            ),
+            "wall_time": wall,
+        },
+        config={
+            "solver": type(solver).__name__,
+            "t1": float(t1),
+            "loss_tol": loss_tol,
+            "radius": radius,
+            "rtol": float(rtol),
+            "atol": float(atol),
+            "max_steps": max_steps,
+        },
+    )
+    if throw and not trajectory.ok:
+        raise FlowError(trajectory)
+    return trajectory
+
+
+@eqx.filter_jit
+def _solve(model, objective, t1, save_ts, loss_tol, radius, rtol, atol, *,
+           solver, observers, stops, max_steps, progress):
+    def observe(t, y, args):
+        return {name: fn(t, y, args) for name, fn in observers.items()}
+
+    conds = {}
+    if "loss" in stops:
+        conds["loss"] = lambda t, y, args, **kw: args(y) - loss_tol
+    if "radius" in stops:
+        conds["radius"] = lambda t, y, args, **kw: y.norm() - radius
+    event = None
+    if conds:
+        event = dfx.Event(conds, root_finder=optx.Newton(rtol=1e-12, atol=1e-12))
+    saveat = dfx.SaveAt(
+        subs=[
+            dfx.SubSaveAt(ts=save_ts, fn=observe),
+            dfx.SubSaveAt(t1=True, fn=observe),
+            dfx.SubSaveAt(t1=True),
+        ]
+    )
+    kwargs = {} if progress is None else {"progress_meter": progress}
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(vector_field),
+        solver,
+        jnp.zeros_like(t1),
+        t1,
+        None,
+        model,
+        objective,
+        saveat=saveat,
+        stepsize_controller=dfx.PIDController(rtol=rtol, atol=atol),
+        max_steps=max_steps,
+        event=event,
+        throw=False,
+        **kwargs,
+    )
+    return sol.ys, sol.ts, sol.result, sol.stats, sol.event_mask
+
+
+def _status(result, mask, stops, final) -> str:
+    finite = all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(final))
+    if result == dfx.RESULTS.successful:
+        return "t1" if finite else "non_finite"
+    if result == dfx.RESULTS.event_occurred:
+        fired = [name for name in stops if bool(mask[name])]
+        return fired[0] if fired else "failed"
+    if not finite:
+        return "non_finite"
+    if result == dfx.RESULTS.max_steps_reached:
+        return "max_steps"
+    if result == dfx.RESULTS.dt_min_reached:
+        return "step_underflow"
+    return "failed"
+
+
+def _check_weights(model) -> None:
+    for leaf in jax.tree.leaves(model):
+        arr = concrete(leaf)
+        if arr is not None and not np.all(np.isfinite(arr)):
+            raise ValueError("`model` has non-finite weights.")
+
+
+def _check_save_times(save_times, t1) -> np.ndarray:
+    ts = np.asarray(save_times, dtype=float)
+    if ts.ndim != 1 or ts.size < 1:
+        raise ValueError(f"`save_times` must be a non-empty 1-d array, got shape {ts.shape}.")
+    if not np.all(np.isfinite(ts)) or ts[0] < 0 or ts[-1] > t1 or np.any(np.diff(ts) <= 0):
+        raise ValueError(
+            "`save_times` must be finite, strictly increasing and within [0, t1]."
+        )
+    if ts.size < 2:
+        ts = np.append(ts, t1) if ts[0] < t1 else np.insert(ts, 0, 0.0)
+    return ts

@@ -1,0 +1,3 @@
+from .base import AbstractAdditiveFactorization as AbstractAdditiveFactorization
+from .base import AbstractFactorization as AbstractFactorization
+from .cp import CP as CP

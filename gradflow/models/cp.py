@@ -1,0 +1,161 @@
+"""CP (canonical polyadic) tensor factorization, THEORY.md §3.1."""
+
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
+
+from .._checks import check_dims, check_positive
+from .base import AbstractAdditiveFactorization
+
+
+class CP(AbstractAdditiveFactorization):
+    r"""$\mathcal W = \sum_{r=1}^R \mathbf w_r^1\otimes\cdots\otimes\mathbf w_r^N$.
+
+    `factors[n]` has shape `(d_n, R)`; its column `r` is $\mathbf w_r^n$.
+
+    !!! Example
+
+        ```python
+        import jax.random as jr
+        import gradflow as gf
+
+        model = gf.CP.gaussian(jr.key(0), dims=(10, 10, 10), rank=50, std=1e-2)
+        model.component_norms().shape  # (50,)
+        ```
+    """
+
+    factors: tuple[Float[Array, "d R"], ...]
+
+    def __check_init__(self):
+        if len(self.factors) < 2:
+            raise ValueError(f"`factors`: CP needs order >= 2, got {len(self.factors)}.")
+        ranks = {f.shape[-1] for f in self.factors}
+        if any(f.ndim != 2 for f in self.factors) or len(ranks) != 1:
+            shapes = [tuple(f.shape) for f in self.factors]
+            raise ValueError(
+                f"`factors` must be 2-d arrays (d_n, R) sharing R, got shapes {shapes}."
+            )
+
+    @property
+    def order(self) -> int:
+        return len(self.factors)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(f.shape[0] for f in self.factors)
+
+    @property
+    def rank(self) -> int:
+        """Number of components R (not the tensor rank of the end tensor)."""
+        return self.factors[0].shape[1]
+
+    def full(self) -> Float[Array, "..."]:
+        # Two Khatri-Rao products (first modes, last modes) and one matmul: the
+        # flops go to the matmul instead of memory-bound elementwise passes.
+        half = self.order // 2
+        left = _khatri_rao(self.factors[:half])
+        right = _khatri_rao(self.factors[half:])
+        return (left @ right.T).reshape(self.shape)
+
+    def entries(self, indices: Int[Array, "m N"]) -> Float[Array, " m"]:
+        prod = self.factors[0][indices[:, 0]]
+        for n in range(1, self.order):
+            prod = prod * self.factors[n][indices[:, n]]
+        return prod.sum(axis=-1)
+
+    def vector_norms(self) -> Float[Array, "N R"]:
+        r"""$\|\mathbf w_r^n\|$ for every mode $n$ (rows) and component $r$ (columns)."""
+        return jnp.stack([jnp.linalg.norm(f, axis=0) for f in self.factors])
+
+    def component_norms(self) -> Float[Array, " R"]:
+        r"""$P_r=\prod_n\|\mathbf w_r^n\|$."""
+        return jnp.prod(self.vector_norms(), axis=0)
+
+    def norm(self) -> Float[Array, ""]:
+        """Frobenius norm of the end tensor, from the R×R Gram matrices (no full tensor)."""
+        gram = self.factors[0].T @ self.factors[0]
+        for f in self.factors[1:]:
+            gram = gram * (f.T @ f)
+        return jnp.sqrt(jnp.maximum(gram.sum(), 0.0))
+
+    def take(self, components: Int[Array, " k"]) -> "CP":
+        return CP(tuple(f[:, components] for f in self.factors))
+
+    def put(self, components: Int[Array, " k"], sub: "CP") -> "CP":
+        return CP(
+            tuple(f.at[:, components].set(s) for f, s in zip(self.factors, sub.factors))
+        )
+
+    @classmethod
+    def gaussian(
+        cls,
+        key: PRNGKeyArray,
+        dims: Sequence[int],
+        rank: int,
+        std: float | ArrayLike,
+        dtype=jnp.float64,
+    ) -> "CP":
+        """I.i.d. $\\mathcal N(0, \\mathrm{std}^2)$ entries (the papers' initialization).
+
+        **Arguments:**
+
+        - `key`: a JAX PRNG key.
+        - `dims`: mode dimensions $(d_1,\\dots,d_N)$, $N\\ge2$.
+        - `rank`: number of components R.
+        - `std`: standard deviation of every entry (may be a traced scalar in sweeps).
+        - `dtype`: float64 by default; pass `jnp.float32` to opt into single precision.
+
+        **Returns:** a `CP` model.
+        """
+        dims = _check_cp_args(dims, rank)
+        check_positive("std", std, allow_zero=True)
+        keys = jr.split(key, len(dims))
+        std = jnp.asarray(std, dtype)
+        return cls(tuple(std * jr.normal(k, (d, rank), dtype) for k, d in zip(keys, dims)))
+
+    @classmethod
+    def balanced(
+        cls,
+        key: PRNGKeyArray,
+        dims: Sequence[int],
+        rank: int,
+        scale: float | ArrayLike,
+        dtype=jnp.float64,
+    ) -> "CP":
+        """Exactly balanced init: $\\|\\mathbf w_r^n\\| = $ `scale` for every mode $n$.
+
+        Directions are uniform on the unit spheres, so the unbalancedness magnitude
+        (THEORY.md §3.3) is zero up to rounding, and $P_r=\\mathrm{scale}^N$.
+
+        **Arguments:**
+
+        - `key`, `dims`, `rank`, `dtype`: as in [`gradflow.CP.gaussian`][].
+        - `scale`: the vector norm, a scalar or one value per component (shape `(R,)`).
+
+        **Returns:** a `CP` model with zero unbalancedness.
+        """
+        dims = _check_cp_args(dims, rank)
+        check_positive("scale", scale, allow_zero=True)
+        scale = jnp.broadcast_to(jnp.asarray(scale, dtype), (rank,))
+        keys = jr.split(key, len(dims))
+        factors = []
+        for k, d in zip(keys, dims):
+            v = jr.normal(k, (d, rank), dtype)
+            factors.append(scale * v / jnp.linalg.norm(v, axis=0))
+        return cls(tuple(factors))
+
+
+def _khatri_rao(factors) -> Float[Array, "prod_d R"]:
+    out = factors[0]
+    for f in factors[1:]:
+        out = (out[:, None, :] * f[None, :, :]).reshape(-1, f.shape[1])
+    return out
+
+
+def _check_cp_args(dims, rank) -> tuple[int, ...]:
+    dims = check_dims("dims", dims, min_len=2)
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"`rank` must be a positive int, got {rank!r}.")
+    return dims

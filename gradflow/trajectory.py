@@ -1,0 +1,145 @@
+"""The result of a solve: observer values at save times, final model, status, statistics."""
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+STOPPED_OK = ("t1", "loss", "radius")
+STATUS_TEXT = {
+    "t1": "reached the final time t1",
+    "loss": "stopped: loss fell below loss_tol",
+    "radius": "stopped: end tensor reached the sphere of radius `radius`",
+    "max_steps": "FAILED: max_steps reached before any stop condition",
+    "non_finite": "FAILED: the state or loss became non-finite",
+    "step_underflow": "FAILED: step size underflowed (t + dt == t)",
+    "failed": "FAILED: the solver reported an error",
+}
+
+
+@dataclasses.dataclass
+class Trajectory:
+    """A gradient-flow (or gradient-descent) trajectory.
+
+    **Fields:**
+
+    - `ts`: save times (physical flow time), shape `(T,)`; only times reached.
+    - `observations`: `{name: array (T, ...)}`, one entry per observer.
+    - `t_final`: physical time at which the solve ended (the event time if a stop
+      condition fired).
+    - `final`: `{name: value}` of every observer at `t_final`.
+    - `model`: the final model.
+    - `status`: one of `"t1"`, `"loss"`, `"radius"` (finished) or `"max_steps"`,
+      `"non_finite"`, `"step_underflow"`, `"failed"` (did not finish).
+    - `stats`: solver statistics (accepted/rejected steps, gradient evaluations,
+      wall and compile time, ...).
+    - `config`: what was solved (solver, tolerances, stop conditions).
+    """
+
+    ts: np.ndarray
+    observations: dict[str, Any]
+    t_final: float
+    final: dict[str, Any]
+    model: Any
+    status: str
+    stats: dict[str, Any]
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """True when a stop condition (t1, loss or radius) ended the solve."""
+        return self.status in STOPPED_OK
+
+    @property
+    def reason(self) -> str:
+        return STATUS_TEXT.get(self.status, self.status)
+
+    def __getitem__(self, name: str):
+        return self.observations[name]
+
+    def __repr__(self) -> str:
+        obs = ", ".join(self.observations)
+        return (
+            f"Trajectory(status={self.status!r}, t_final={self.t_final:.4g}, "
+            f"saves={len(self.ts)}, observations=[{obs}], "
+            f"steps={self.stats.get('accepted_steps')})"
+        )
+
+    def save(self, path) -> Path:
+        """Write to a `.npz` file (NumPy only is needed to read it back)."""
+        path = Path(path)
+        arrays = {"ts": np.asarray(self.ts)}
+        for prefix, tree in (("obs", self.observations), ("final", self.final)):
+            for name, value in tree.items():
+                for i, leaf in enumerate(jax.tree.leaves(value)):
+                    arrays[f"{prefix}/{name}/{i}"] = np.asarray(leaf)
+        for i, leaf in enumerate(jax.tree.leaves(self.model)):
+            arrays[f"model/{i}"] = np.asarray(leaf)
+        meta = {
+            "t_final": float(self.t_final),
+            "status": self.status,
+            "stats": _jsonable(self.stats),
+            "config": _jsonable(self.config),
+            "model_class": type(self.model).__name__,
+        }
+        arrays["meta"] = np.array(json.dumps(meta))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path, like=None) -> "Trajectory":
+        """Read a trajectory written by `save`.
+
+        Observations are rebuilt as arrays (observers returning pytrees come back as
+        lists of leaves). The final model is rebuilt with the structure of `like`
+        (any model of the same kind and shape) or, when `like` is None, as the list
+        of its weight arrays.
+        """
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            groups: dict[str, dict[str, list]] = {"obs": {}, "final": {}}
+            model_leaves = []
+            for key in sorted(data.files, key=_natural):
+                parts = key.split("/")
+                if parts[0] in groups:
+                    groups[parts[0]].setdefault(parts[1], []).append(data[key])
+                elif parts[0] == "model":
+                    model_leaves.append(data[key])
+            ts = data["ts"]
+        unpack = lambda d: {k: v[0] if len(v) == 1 else v for k, v in d.items()}
+        model = model_leaves
+        if like is not None:
+            model = jax.tree.unflatten(jax.tree.structure(like), model_leaves)
+        return cls(
+            ts=ts,
+            observations=unpack(groups["obs"]),
+            t_final=meta["t_final"],
+            final=unpack(groups["final"]),
+            model=model,
+            status=meta["status"],
+            stats=meta["stats"],
+            config=meta["config"],
+        )
+
+
+def _natural(key: str):
+    return [int(p) if p.isdigit() else p for p in key.split("/")]
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.generic, np.ndarray)) or hasattr(obj, "shape"):
+        arr = np.asarray(obj)
+        return arr.tolist()
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return repr(obj)

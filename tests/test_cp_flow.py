@@ -1,0 +1,163 @@
+"""Gradient flow of CP factorizations against THEORY.md oracles (§3, §5)."""
+
+import diffrax as dfx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+import gradflow as gf
+from gradflow.analysis import cp as acp
+from oracles import constant_gamma_hitting_time, logistic, product_flow_time
+
+TIGHT = dict(rtol=1e-11, atol=1e-14)
+
+
+def scalar_problem(order, w0, y):
+    model = gf.CP(tuple(jnp.full((1, 1), w0 ** (1 / order)) for _ in range(order)))
+    objective = gf.Completion((1,) * order, jnp.zeros((1, order), int), jnp.array([y]))
+    return model, objective
+
+
+def test_scalar_product_logistic_n2():  # §5.1, N = 2
+    model, objective = scalar_problem(2, 1e-3, 1.5)
+    ts = np.linspace(0, 6, 40)
+    tr = gf.flow(model, objective, t1=6.0, save_times=ts, **TIGHT)
+    w = tr["component_norms"][:, 0]
+    np.testing.assert_allclose(w, logistic(ts, 1e-3, 1.5), rtol=1e-9)
+
+
+@pytest.mark.parametrize("order", [3, 4])
+def test_scalar_product_closed_form_time(order):  # §5.1, N >= 3
+    w0, y = 1e-2, 1.0
+    model, objective = scalar_problem(order, w0, y)
+    t_half = product_flow_time(w0, 0.5, y, order)
+    ts = np.linspace(0, 1.5 * t_half, 60)
+    tr = gf.flow(model, objective, t1=ts[-1], save_times=ts, **TIGHT)
+    w = tr["component_norms"][:, 0]
+    sel = (w > 1.01 * w0) & (w < 0.9 * y)
+    predicted = [product_flow_time(w0, wk, y, order) for wk in w[sel]]
+    np.testing.assert_allclose(predicted, tr.ts[sel], rtol=1e-8)
+
+
+def test_orthogonally_decomposable_incremental():  # §5.3
+    n, d, c, a = 3, 3, np.array([2.0, 1.0, 0.5]), 1e-2
+    keys = jr.split(jr.key(0), n)
+    us = [jnp.linalg.qr(jr.normal(k, (d, d)))[0] for k in keys]
+    truth = gf.CP(tuple(u * jnp.asarray(c) ** (1 / n) for u in us)).full()
+    idx = jnp.stack(jnp.unravel_index(jnp.arange(d**n), (d,) * n), axis=1)
+    objective = gf.Completion.from_tensor(truth, idx)
+    model = gf.CP(tuple(a * u for u in us))
+    scale = d**n  # the objective averages over the 27 entries; THEORY sums
+    t_end = scale * product_flow_time(a**n, 0.8 * c[-1], c[-1], n)
+    tr = gf.flow(model, objective, t1=t_end, save_times=np.linspace(0, t_end, 200), **TIGHT)
+    p = tr["component_norms"]
+    for r in range(3):
+        sel = (p[:, r] > 1.01 * a**n) & (p[:, r] < 0.8 * c[r])
+        predicted = [scale * product_flow_time(a**n, v, c[r], n) for v in p[sel, r]]
+        np.testing.assert_allclose(predicted, tr.ts[sel], rtol=1e-7)
+    # incremental learning: when component r is half learned, later ones are tiny
+    half = [scale * product_flow_time(a**n, c[r] / 2, c[r], n) for r in range(3)]
+    assert half[0] < half[1] < half[2]
+
+
+@pytest.mark.parametrize("order", [3, 4])
+def test_huber_escape_time_and_sphere_hitting(order):  # §5.4 with §3.8's constant γ
+    d, y, delta, a, rho = 3, 2.0, 0.5, 0.05, 1.0
+    index = jnp.array([[1] * order])
+    objective = gf.Completion((d,) * order, index, jnp.array([y]), gf.HuberLoss(delta))
+    e = jnp.zeros((d, 1)).at[1, 0].set(a)
+    model = gf.CP((e,) * order)
+    expected = constant_gamma_hitting_time(a**order, rho, delta, order)
+    tr = gf.flow(model, objective, t1=10 * expected, radius=rho, **TIGHT)
+    assert tr.status == "radius"
+    assert tr.t_final == pytest.approx(expected, rel=1e-9)
+    assert float(tr.model.norm()) == pytest.approx(rho, rel=1e-9)
+
+
+def small_problem(seed=0, order=3, d=4, rank=6, m=30, balanced=False, scale=0.4):
+    k1, k2, k3 = jr.split(jr.key(seed), 3)
+    dims = (d,) * order
+    truth = gf.random_cp_tensor(k1, dims, 2)
+    objective = gf.Completion.from_tensor(truth, gf.sample_indices(k2, dims, m))
+    if balanced:
+        model = gf.CP.balanced(k3, dims, rank, scale)
+    else:
+        model = gf.CP.gaussian(k3, dims, rank, scale)
+    return model, objective
+
+
+def test_lemma1_identity_and_theorem1_unbalanced():  # T1, T2, T3
+    model, objective = small_problem()
+    eps = float(acp.unbalancedness(model))
+    assert eps > 0.05
+    observers = {
+        "sq": gf.observers.squared_vector_norms,
+        "identity": lambda t, m, o: acp.identity_residual(m, o),
+        "theorem1": lambda t, m, o: acp.theorem1_violation(m, o, eps),
+        "eps": gf.observers.unbalancedness,
+    }
+    tr = gf.flow(model, objective, t1=2e3, observers=observers, **TIGHT)
+    assert acp.conservation_verdict(tr["sq"], 1e-10)
+    assert np.max(tr["identity"]) <= 1e-10
+    assert np.max(tr["theorem1"]) <= 1e-9
+    np.testing.assert_allclose(tr["eps"], eps, rtol=1e-9)
+    assert tr.observations["loss"][-1] < 0.1 * tr.observations["loss"][0]
+
+
+def test_corollary1_balanced():  # T4
+    model, objective = small_problem(seed=1, balanced=True, scale=0.3)
+    assert float(acp.unbalancedness(model)) < 1e-15
+    observers = {"cor": lambda t, m, o: acp.corollary_residual(m, o)}
+    tr = gf.flow(model, objective, t1=2e3, observers=observers, **TIGHT)
+    assert np.max(tr["cor"]) <= 1e-9
+
+
+def test_loss_stop_and_rank_of_solution():
+    # rank-2 truth, small init: the flow finds the rank-2 solution (TF paper §4)
+    model, objective = small_problem(seed=2, order=3, d=5, rank=20, m=80, scale=1e-3)
+    l0 = float(objective(model))
+    tr = gf.flow(model, objective, t1=1e12, loss_tol=1e-6 * l0)
+    assert tr.status == "loss" and tr.ok
+    assert tr.final["loss"] == pytest.approx(1e-6 * l0, rel=1e-6)
+    assert np.all(np.diff(tr["loss"]) <= 1e-15)  # gradient flow decreases the loss
+    assert acp.tensor_rank_estimate(tr.model, 1e-2) == 2
+
+
+def test_failed_solve_says_so():
+    model, objective = small_problem()
+    with pytest.raises(gf.FlowError, match="max_steps") as info:
+        gf.flow(model, objective, t1=1e6, max_steps=3)
+    partial = info.value.trajectory
+    assert not partial.ok and partial.status == "max_steps"
+    assert partial.t_final < 1e6
+    tr = gf.flow(model, objective, t1=1e6, max_steps=3, throw=False)
+    assert tr.status == "max_steps" and "FAILED" in tr.reason
+
+
+@pytest.mark.parametrize("stiffness", [gf.Explicit(), gf.LargestComponents(3)])
+def test_rosenbrock_w_is_third_order(stiffness):
+    model, objective = small_problem(seed=3, rank=4, scale=0.6)
+    term = dfx.ODETerm(gf.vector_field)
+    solve = lambda solver, **kw: dfx.diffeqsolve(
+        term, solver, 0.0, 20.0, kw.pop("dt0", None), model, objective, **kw
+    ).ys
+    ref = solve(dfx.Dopri8(), stepsize_controller=dfx.PIDController(rtol=1e-13, atol=1e-15))
+    errors = []
+    for n in (40, 80, 160):
+        ys = solve(gf.RosenbrockW(stiffness), dt0=20.0 / n, max_steps=1000)
+        diff = jax.tree.map(lambda a, b: jnp.max(jnp.abs(a - b)), ys, ref)
+        errors.append(max(jax.tree.leaves(diff)))
+    orders = np.log2(np.array(errors[:-1]) / np.array(errors[1:]))
+    assert np.all((orders > 2.7) & (orders < 3.5)), orders
+
+
+def test_trajectory_save_load_roundtrip(tmp_path):
+    model, objective = small_problem()
+    tr = gf.flow(model, objective, t1=10.0, observers=["loss", "component_norms"])
+    back = gf.Trajectory.load(tr.save(tmp_path / "t.npz"), like=model)
+    np.testing.assert_array_equal(back.ts, tr.ts)
+    np.testing.assert_array_equal(back["loss"], tr["loss"])
+    np.testing.assert_array_equal(back.model.factors[0], tr.model.factors[0])
+    assert back.status == tr.status and back.stats == tr.stats
