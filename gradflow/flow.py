@@ -78,7 +78,8 @@ def flow(
     - `loss_tol`: stop when the loss drops below this value.
     - `radius`: stop when $\\|\\mathcal W\\| = $ `radius` is reached.
     - `save_times`: physical times at which observers are recorded; by default 0 and
-      a geometric grid up to `t1` ([`gradflow.default_save_times`][]).
+      a geometric grid up to `t1` ([`gradflow.default_save_times`][]). The state
+      where the solve ended is always appended as the last save.
     - `observers`: names from `gradflow.observers.BY_NAME`, callables
       `(t, model, objective) -> pytree`, or a `{name: callable}` dict. Default:
       loss, component norms and end-tensor norm.
@@ -144,11 +145,17 @@ def flow(
     status = _status(result, mask, stops, final)
     evals_per_step = getattr(solver, "evaluations_per_step", None)
     steps = int(stats["num_steps"])
+    saved_ts = np.asarray(ts[0])[keep]
+    observations = {k: np.asarray(v)[keep] for k, v in saved.items()}
+    final = {k: np.asarray(v[0]) for k, v in final.items()}
+    if saved_ts.size == 0 or t_final > saved_ts[-1]:  # the trajectory ends where the solve did
+        saved_ts = np.append(saved_ts, t_final)
+        observations = {k: np.concatenate([v, final[k][None]]) for k, v in observations.items()}
     trajectory = Trajectory(
-        ts=np.asarray(ts[0])[keep],
-        observations={k: np.asarray(v)[keep] for k, v in saved.items()},
+        ts=saved_ts,
+        observations=observations,
         t_final=t_final,
-        final={k: np.asarray(v[0]) for k, v in final.items()},
+        final=final,
         model=jax.tree.map(lambda x: x[0], final_model),
         status=status,
         stats={

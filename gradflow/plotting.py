@@ -11,17 +11,18 @@ def top_component_curves(ax, trajectory, k: int = 10, x: str = "time", title=Non
     """Plot the `k` components with the largest final norm over time (or loss)."""
     norms = np.asarray(trajectory["component_norms"])
     top = np.argsort(norms[-1])[::-1][:k]
-    xs = _xs(trajectory, x)
+    x_values = xs(trajectory, x)
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(top)))
     for c, r in zip(colors, top):
-        ax.plot(xs, norms[:, r], color=c, lw=1.5)
+        ax.plot(x_values, norms[:, r], color=c, lw=1.5)
     _axes(ax, x)
     ax.set_ylabel("component norm")
     if title:
         ax.set_title(title)
 
 
-def _xs(trajectory, x):
+def xs(trajectory, x):
+    """The x values of a trajectory's saves: flow time, or the loss."""
     if x == "loss":
         return np.asarray(trajectory["loss"])
     return np.asarray(trajectory.ts)
@@ -33,14 +34,13 @@ def _axes(ax, x):
         ax.invert_xaxis()
         ax.set_xlabel("loss (decreasing →)")
     else:
-        ax.set_xscale("symlog", linthresh=1.0)
         ax.set_xlabel("flow time t")
     ax.grid(alpha=0.3)
 
 
 def curve(ax, trajectory, name: str, x: str = "time", label=None, **kw):
     """Plot a scalar observer over time (or loss) on a log y-axis."""
-    ax.plot(_xs(trajectory, x), np.asarray(trajectory[name]), label=label, **kw)
+    ax.plot(xs(trajectory, x), np.asarray(trajectory[name]), label=label, **kw)
     ax.set_yscale("log")
     _axes(ax, x)
 

@@ -26,7 +26,8 @@ class Trajectory:
 
     **Fields:**
 
-    - `ts`: save times (physical flow time), shape `(T,)`; only times reached.
+    - `ts`: save times (physical flow time), shape `(T,)`: the requested times that
+      were reached, then `t_final`.
     - `observations`: `{name: array (T, ...)}`, one entry per observer.
     - `t_final`: physical time at which the solve ended (the event time if a stop
       condition fired).

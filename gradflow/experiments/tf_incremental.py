@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import jax.numpy as jnp
+import numpy as np
 import jax.random as jr
 import matplotlib.pyplot as plt
 
@@ -57,8 +58,10 @@ def run(args, out: Path, progress: bool = True) -> dict:
         loss_tol = args.loss_drop * float(objective(model))
         if progress:
             print(f"[{NAME}] std={std:g}: integrating until loss <= {loss_tol:.3g}", flush=True)
+        save_times = np.concatenate([[0.0], np.geomspace(1e-2, args.t1, 1500)])
         tr = flow(model, objective, t1=args.t1, loss_tol=loss_tol, observers=observers,
-                  rtol=args.rtol, progress=progress, max_steps=200_000)
+                  save_times=save_times, rtol=args.rtol, progress=progress,
+                  max_steps=200_000)
         tr.save(out / f"trajectory_std{std:g}.npz")
         trajectories[std] = tr
         summary[f"{std:g}"] = {
@@ -88,10 +91,9 @@ def _figure(trajectories, x, path):
         axes[0, j].set_yscale("log")
         ax = axes[1, j]
         plotting.curve(ax, tr, "reconstruction_error", x, label="reconstruction error", color="C3")
-        plotting.curve(ax, tr, "loss", x, label="loss / initial", color="C0")
-        ax.lines[-1].set_ydata(tr["loss"] / tr["loss"][0])
+        ax.plot(plotting.xs(tr, x), tr["loss"] / tr["loss"][0], label="loss / initial", color="C0")
         ax.set_ylim(1e-6, 3)
         ax.legend(loc="lower left", fontsize=8)
     fig.suptitle("CP tensor completion under gradient flow: top-10 component norms "
-                 "(top) and errors (bottom)")
+                 "(top) and errors (bottom)", fontsize=10)
     plotting.save(fig, path)
