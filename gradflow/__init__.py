@@ -19,6 +19,7 @@ from .flow import vector_field as vector_field
 from .models import AbstractAdditiveFactorization as AbstractAdditiveFactorization
 from .models import AbstractFactorization as AbstractFactorization
 from .models import CP as CP
+from .models import DeepMatrix as DeepMatrix
 from .objectives import AbstractLoss as AbstractLoss
 from .objectives import AbstractObjective as AbstractObjective
 from .objectives import Completion as Completion

@@ -87,7 +87,7 @@ def end_to_end_formula(model: DeepMatrix, objective) -> Float[Array, "d_L d_0"]:
     w = model.full()
     g = end_gradient(model, objective)
     left, right = w @ w.T, w.T @ w
-    terms = [psd_power(left, j / n) @ g @ psd_power(right, (n - j) / n) for j in range(1, n + 1)]
+    terms = [psd_power(left, (j - 1) / n) @ g @ psd_power(right, (n - j) / n) for j in range(1, n + 1)]
     return -sum(terms)
 
 
