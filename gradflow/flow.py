@@ -16,6 +16,7 @@ from .objectives import AbstractObjective
 from .progress import LogTimeProgressMeter
 from .solvers import RosenbrockW
 from .trajectory import Trajectory
+from .vector_field import vector_field
 
 
 class FlowError(RuntimeError):
@@ -41,11 +42,6 @@ def default_solver(model: AbstractFactorization) -> dfx.AbstractSolver:
 def default_save_times(t1: float, num: int = 256) -> np.ndarray:
     """0 followed by a geometric grid from `t1`·1e-8 to `t1`."""
     return np.concatenate([[0.0], np.geomspace(t1 * 1e-8, t1, num - 1)])
-
-
-def vector_field(t, model, objective):
-    """$-\\nabla\\phi$ at `model`."""
-    return jax.tree.map(jnp.negative, eqx.filter_grad(objective)(model))
 
 
 def flow(

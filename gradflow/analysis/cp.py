@@ -12,6 +12,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
 from ..models.cp import CP
+from ..vector_field import vector_field
 from .verdict import Verdict
 
 
@@ -40,7 +41,7 @@ def gammas(model: CP, objective) -> Float[Array, " R"]:
 
 def component_norm_rates(model: CP, objective) -> Float[Array, " R"]:
     r"""$\dot P_r$ under the flow, by the chain rule from $\dot{\mathbf w}=-\nabla\phi$."""
-    velocity = jax.tree.map(jnp.negative, eqx.filter_grad(objective)(model))
+    velocity = vector_field(0.0, model, objective)
     return jax.jvp(lambda m: m.component_norms(), (model,), (velocity,))[1]
 
 

@@ -12,7 +12,6 @@ $s=\\sqrt{2m\\mathcal L}$ (with $m=3$ in the 2×2 problem: $s=\\sqrt{6\\mathcal 
 time is $m$ times the time of the half-sum flow.
 """
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +19,7 @@ from jaxtyping import Array, ArrayLike, Float
 
 from .._checks import check_positive
 from ..models.matrix import DeepMatrix
+from ..vector_field import vector_field
 from .verdict import Verdict
 
 EIGEN_CUTOFF = 1e-12
@@ -63,7 +63,7 @@ def end_gradient(model: DeepMatrix, objective) -> Float[Array, "d_L d_0"]:
 
 def end_to_end_rate(model: DeepMatrix, objective) -> Float[Array, "d_L d_0"]:
     r"""$\dot W$ under the flow, by the chain rule from $\dot W_j=-\partial\phi/\partial W_j$."""
-    velocity = jax.tree.map(jnp.negative, eqx.filter_grad(objective)(model))
+    velocity = vector_field(0.0, model, objective)
     return jax.jvp(lambda m: m.full(), (model,), (velocity,))[1]
 
 
