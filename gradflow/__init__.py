@@ -11,6 +11,10 @@ from . import analysis as analysis
 from . import observers as observers
 from .data import random_cp_tensor as random_cp_tensor
 from .data import sample_indices as sample_indices
+from .descent import descent as descent
+from .descent import DescentError as DescentError
+from .descent import rms_normalized as rms_normalized
+from .descent import RmsNormalizedState as RmsNormalizedState
 from .flow import default_save_times as default_save_times
 from .flow import default_solver as default_solver
 from .flow import flow as flow
@@ -20,6 +24,8 @@ from .models import AbstractAdditiveFactorization as AbstractAdditiveFactorizati
 from .models import AbstractFactorization as AbstractFactorization
 from .models import CP as CP
 from .models import DeepMatrix as DeepMatrix
+from .models import HTF as HTF
+from .models import ModeTree as ModeTree
 from .objectives import AbstractLoss as AbstractLoss
 from .objectives import AbstractObjective as AbstractObjective
 from .objectives import Completion as Completion
@@ -28,6 +34,7 @@ from .objectives import Sensing as Sensing
 from .objectives import SquaredLoss as SquaredLoss
 from .solvers import RosenbrockW as RosenbrockW
 from .stiffness import AbstractStiffness as AbstractStiffness
+from .stiffness import DenseHessian as DenseHessian
 from .stiffness import Explicit as Explicit
 from .stiffness import LargestComponents as LargestComponents
 from .trajectory import Trajectory as Trajectory

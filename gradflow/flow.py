@@ -117,7 +117,7 @@ def flow(
 
     as_time = lambda x: jnp.asarray(x, dtype)
     start = time.perf_counter()
-    ys, ts, result, stats, mask = _solve(
+    ys, ts, result, stats = _solve(
         model,
         objective,
         as_time(t1),
@@ -138,21 +138,23 @@ def flow(
     saved, final, final_model = ys
     t_final = float(ts[1][0])
     keep = np.asarray(ts[0]) <= t_final
-    status = _status(result, mask, stops, final)
+    final_model = jax.tree.map(lambda x: x[0], final_model)
+    margins = _stop_margins(final_model, objective, loss_tol, radius, stops)
+    status = _status(result, {k: float(v) for k, v in margins.items()}, final)
     evals_per_step = getattr(solver, "evaluations_per_step", None)
     steps = int(stats["num_steps"])
     saved_ts = np.asarray(ts[0])[keep]
-    observations = {k: np.asarray(v)[keep] for k, v in saved.items()}
-    final = {k: np.asarray(v[0]) for k, v in final.items()}
+    observations = jax.tree.map(lambda x: np.asarray(x)[keep], saved)
+    final = jax.tree.map(lambda x: np.asarray(x[0]), final)
     if saved_ts.size == 0 or t_final > saved_ts[-1]:  # the trajectory ends where the solve did
         saved_ts = np.append(saved_ts, t_final)
-        observations = {k: np.concatenate([v, final[k][None]]) for k, v in observations.items()}
+        observations = jax.tree.map(lambda v, f: np.concatenate([v, f[None]]), observations, final)
     trajectory = Trajectory(
         ts=saved_ts,
         observations=observations,
         t_final=t_final,
         final=final,
-        model=jax.tree.map(lambda x: x[0], final_model),
+        model=final_model,
         status=status,
         stats={
             "steps": steps,
@@ -184,14 +186,12 @@ def _solve(model, objective, t1, save_ts, loss_tol, radius, rtol, atol, *,
     def observe(t, y, args):
         return {name: fn(t, y, args) for name, fn in observers.items()}
 
-    conds = {}
-    if "loss" in stops:
-        conds["loss"] = lambda t, y, args, **kw: args(y) - loss_tol
-    if "radius" in stops:
-        conds["radius"] = lambda t, y, args, **kw: y.norm() - radius
     event = None
-    if conds:
-        event = dfx.Event(conds, root_finder=optx.Newton(rtol=1e-12, atol=1e-12))
+    if stops:
+        margin = lambda t, y, args, **kw: jnp.min(
+            jnp.stack(list(_stop_margins(y, args, loss_tol, radius, stops).values()))
+        )
+        event = dfx.Event(margin, root_finder=_Bracketing(rtol=1e-13, atol=1e-300))
     saveat = dfx.SaveAt(
         subs=[
             dfx.SubSaveAt(ts=save_ts, fn=observe),
@@ -215,16 +215,38 @@ def _solve(model, objective, t1, save_ts, loss_tol, radius, rtol, atol, *,
         throw=False,
         **kwargs,
     )
-    return sol.ys, sol.ts, sol.result, sol.stats, sol.event_mask
+    return sol.ys, sol.ts, sol.result, sol.stats
 
 
-def _status(result, mask, stops, final) -> str:
+def _stop_margins(model, objective, loss_tol, radius, stops) -> dict:
+    """Relative distance to each stop condition; a stop fires when its margin hits 0."""
+    margins = {}
+    if "loss" in stops:
+        margins["loss"] = objective(model) / loss_tol - 1.0
+    if "radius" in stops:
+        margins["radius"] = 1.0 - model.norm() / radius
+    return margins
+
+
+class _Bracketing(optx.Bisection):
+    """Bisection of the stop time that ends on the bracket's width alone.
+
+    Near a stop the loss can carry rounding noise far above 1e-12 of its value (the
+    2×2 problem: residuals 1e-4 read off entries of size 1e4), which makes a test on
+    the function value (Newton's, or Bisection's own) fail to terminate.
+    """
+
+    def terminate(self, fn, y, args, options, state, tags):
+        width = jnp.abs(state.upper - state.lower)
+        return width <= self.atol + self.rtol * jnp.abs(y), optx.RESULTS.successful
+
+
+def _status(result, margins, final) -> str:
     finite = all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(final))
     if result == dfx.RESULTS.successful:
         return "t1" if finite else "non_finite"
     if result == dfx.RESULTS.event_occurred:
-        fired = [name for name in stops if bool(mask[name])]
-        return fired[0] if fired else "failed"
+        return min(margins, key=margins.get) if margins else "failed"
     if not finite:
         return "non_finite"
     if result == dfx.RESULTS.max_steps_reached:

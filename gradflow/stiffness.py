@@ -111,3 +111,32 @@ class LargestComponents(AbstractStiffness):
         return _SubspaceLinearisation(
             components, eigvecs, jnp.maximum(curvatures, 0.0), sub
         )
+
+
+class _DenseLinearisation(AbstractLinearisation):
+    eigvecs: jax.Array
+    curvatures: jax.Array
+
+    def matvec(self, x):
+        flat, unravel = ravel_pytree(x)
+        return unravel(self.eigvecs @ (-self.curvatures * (self.eigvecs.T @ flat)))
+
+    def solve(self, c, x):
+        flat, unravel = ravel_pytree(x)
+        damp = c * self.curvatures / (1.0 + c * self.curvatures)
+        return unravel(flat - self.eigvecs @ (damp * (self.eigvecs.T @ flat)))
+
+
+class DenseHessian(AbstractStiffness):
+    """The exact Hessian of the objective in all weights (negative curvature clipped).
+
+    For models with few weights (the 2×2 problems, small deep matrices): its cost is a
+    dense Hessian and an eigendecomposition of size (number of weights)², so use it
+    below a few hundred weights.
+    """
+
+    def linearise(self, model, objective):
+        flat, unravel = ravel_pytree(model)
+        hessian = jax.hessian(lambda v: objective(unravel(v)))(flat)
+        curvatures, eigvecs = jnp.linalg.eigh(0.5 * (hessian + hessian.T))
+        return _DenseLinearisation(eigvecs, jnp.maximum(curvatures, 0.0))

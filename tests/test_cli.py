@@ -16,3 +16,35 @@ def test_tf_incremental_writes_png_json_and_trajectories(tmp_path):
     assert result["final_loss"] > 0 and result["steps"] > 0
     assert (tmp_path / "tf-incremental.png").stat().st_size > 10_000
     assert (tmp_path / "trajectory_std0.05.npz").exists()
+
+
+def test_rc_norms_bounds_hold_and_norms_grow(tmp_path):  # §2.3, §2.4 along whole trajectories
+    argv = ["run", "rc-norms", "--depths", "3", "--eps", "0", "0.5", "--loss-tol", "1e-5",
+            "--rtol", "1e-9", "--out", str(tmp_path), "--quiet"]
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "summary.json").read_text())["results"]
+    depth3 = results["unperturbed"]["depth3"]
+    assert depth3["status"] == "loss" and depth3["det_sign_kept_to_end"]
+    assert depth3["bounds"]["holds"] and depth3["bounds"]["saves_checked"] > 100
+    # |w11| ~ 1/s: the bound (1-s)^2/s is asymptotically tight (THEORY §2.3 [NUM])
+    assert abs(depth3["abs_w11_times_s_at_that_loss"] - 1) < 0.01
+    assert depth3["final_abs_w11"] > 100 and depth3["final_rank_subopt"] < 1e-6
+    for eps in ("eps0", "eps0.5"):
+        assert results["perturbed"][eps]["bounds"]["holds"]
+    # eps = 0.5: the flow settles near the rank-one solution |w11| = |z z'/eps| = 2
+    assert abs(results["perturbed"]["eps0.5"]["final_abs_w11"] - 2) < 0.1
+    assert (tmp_path / "rc-norms.png").stat().st_size > 10_000
+
+
+def test_mf_incremental_depth_lowers_rank(tmp_path):  # §1.5–1.6 at small size
+    argv = ["run", "mf-incremental", "--depths", "1", "3", "--scales", "1e-3", "--dim", "20",
+            "--truth-rank", "3", "--observations", "200", "--out", str(tmp_path), "--quiet"]
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "summary.json").read_text())["results"]
+    shallow, deep = results["depth1_scale0.001"], results["depth3_scale0.001"]
+    assert shallow["status"] == deep["status"] == "loss"
+    assert deep["effective_rank"] < 3.5 < shallow["effective_rank"]
+    assert deep["relative_reconstruction_error"] < 0.1 < shallow["relative_reconstruction_error"]
+    order = deep["learning_order"]  # largest singular value learned first, then the next
+    assert order[0] < order[1] < order[2]
+    assert (tmp_path / "mf-incremental.png").stat().st_size > 10_000

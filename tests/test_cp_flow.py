@@ -5,9 +5,11 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+import optimistix as optx
 import pytest
 
 import gradflow as gf
+from gradflow.flow import _Bracketing
 from gradflow.analysis import cp as acp
 from oracles import constant_gamma_hitting_time, logistic, product_flow_time
 
@@ -136,7 +138,7 @@ def test_failed_solve_says_so():
     assert tr.status == "max_steps" and "FAILED" in tr.reason
 
 
-@pytest.mark.parametrize("stiffness", [gf.Explicit(), gf.LargestComponents(3)])
+@pytest.mark.parametrize("stiffness", [gf.Explicit(), gf.LargestComponents(3), gf.DenseHessian()])
 def test_rosenbrock_w_is_third_order(stiffness):
     model, objective = small_problem(seed=3, rank=4, scale=0.6)
     term = dfx.ODETerm(gf.vector_field)
@@ -151,6 +153,24 @@ def test_rosenbrock_w_is_third_order(stiffness):
         errors.append(max(jax.tree.leaves(diff)))
     orders = np.log2(np.array(errors[:-1]) / np.array(errors[1:]))
     assert np.all((orders > 2.7) & (orders < 3.5)), orders
+
+
+def test_stop_time_bracketed_despite_noisy_condition():
+    # Near a stop the loss can carry rounding noise far above 1e-12 of its value; the
+    # stop time must still be located (to the bracket width), not reported as failed.
+    noisy = lambda t, _: (t - 0.3) / 0.3 + 1e-8 * jnp.sin(1e7 * t)
+    sol = optx.root_find(noisy, _Bracketing(rtol=1e-13, atol=1e-300), 1.0,
+                         options={"lower": 0.0, "upper": 1.0}, throw=False)
+    assert sol.result == optx.RESULTS.successful
+    assert abs(float(sol.value) - 0.3) < 1e-8
+
+
+def test_pytree_observer_and_parameters():
+    model, objective = small_problem()
+    tr = gf.flow(model, objective, t1=1.0, observers=["parameters"])
+    assert isinstance(tr["parameters"], gf.CP)
+    assert tr["parameters"].factors[0].shape == (len(tr.ts),) + model.factors[0].shape
+    np.testing.assert_allclose(tr["parameters"].factors[1][-1], tr.model.factors[1], rtol=1e-13)
 
 
 def test_trajectory_save_load_roundtrip(tmp_path):

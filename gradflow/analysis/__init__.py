@@ -1,4 +1,6 @@
 from . import cp as cp
 from . import matrix as matrix
+from . import descent as descent
+from . import htf as htf
 from .verdict import Verdict as Verdict
 from .verdict import worst as worst

@@ -1,0 +1,422 @@
+"""`descent`: gradient descent with Optax on the flow's models, objectives and observers.
+
+The discrete counterpart of [`gradflow.flow`][]: same models, objectives and
+observers, same [`gradflow.Trajectory`][], and a time axis (the accumulated step
+size) on which the two can be overlaid. The whole run is one compiled loop; the
+observers are evaluated only at the chosen steps.
+"""
+
+import math
+import time
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxtyping import Array, ArrayLike, Float, Int
+
+from . import observers as _observers
+from ._checks import check_finite, check_positive
+from .flow import FlowError
+from .models.base import AbstractFactorization
+from .objectives import AbstractObjective
+from .trajectory import Trajectory
+
+_RUNNING, _LOSS, _NON_FINITE, _T1 = 0, 1, 2, 3
+PROGRESS_CHUNKS = 100
+"""With `progress=True` the run is split into this many compiled chunks (at most)."""
+
+
+class DescentError(FlowError):
+    """A descent run that did not finish. `error.trajectory` holds what was computed."""
+
+    def __init__(self, trajectory: Trajectory):
+        self.trajectory = trajectory
+        hint = ""
+        if trajectory.status == "non_finite":
+            hint = " The step size is too large for this problem (or the objective overflows)."
+        RuntimeError.__init__(
+            self,
+            f"gradient descent did not finish: {trajectory.reason} at step "
+            f"{trajectory.stats['steps']} of {trajectory.config['steps']} "
+            f"(t = {trajectory.t_final:.6g}).{hint} The partial trajectory (ending at "
+            "the last finite iterate) is in `error.trajectory`; pass `throw=False` to "
+            "get it returned instead.",
+        )
+
+
+# --- the papers' adaptive scheme ------------------------------------------------------
+
+
+class RmsNormalizedState(NamedTuple):
+    """State of [`gradflow.rms_normalized`][]: step count and the EMA of $\\|g\\|^2$."""
+
+    count: Int[Array, ""]
+    square_avg: Float[Array, ""]
+
+
+def rms_normalized(
+    learning_rate: float | optax.Schedule, decay: float = 0.99, eps: float = 1e-6
+) -> optax.GradientTransformation:
+    r"""The TF/HTF papers' adaptive step (`GroupRMSprop`, THEORY.md §0) as Optax.
+
+    One scalar for all parameters together:
+    $v_k=\beta v_{k-1}+(1-\beta)\sum_{\text{all params}}\|g_k\|^2$ ($v_0=0$) and
+    $\theta\leftarrow\theta-h_k\,g_k$ with
+    $h_k=\eta/\big(\sqrt{v_k/(1-\beta^k)}+\varepsilon\big)$, $k=1,2,\dots$ — the
+    update of the official code (`common/train/optim/group_rsmprop.py`). Every step
+    is a positive multiple of the gradient, so as $\eta\to0$ the iterates follow
+    gradient flow reparametrized by $dt=h_k$ per step, which is exactly the clock
+    [`gradflow.descent`][] uses. The code's weight decay is
+    `optax.chain(optax.add_decayed_weights(wd), rms_normalized(lr))`.
+
+    **Arguments:**
+
+    - `learning_rate`: $\eta>0$, or an Optax schedule of the step count (from 0).
+    - `decay`: $\beta\in[0,1)$ (the code's `alpha`).
+    - `eps`: $\varepsilon\ge0$, added to the debiased RMS.
+
+    **Returns:** an `optax.GradientTransformation` with state [`gradflow.RmsNormalizedState`][].
+
+    !!! Example
+
+        ```python
+        import gradflow as gf
+
+        tr = gf.descent(model, objective, gf.rms_normalized(1e-2), steps=10_000)
+        ```
+    """
+    if not callable(learning_rate):
+        check_positive("learning_rate", learning_rate)
+    check_positive("decay", decay, allow_zero=True)
+    if not decay < 1:
+        raise ValueError(f"`decay` must be in [0, 1), got {decay!r}.")
+    check_positive("eps", eps, allow_zero=True)
+
+    def init(params):
+        dtype = jax.tree.leaves(params)[0].dtype
+        return RmsNormalizedState(jnp.zeros((), jnp.int32), jnp.zeros((), dtype))
+
+    def update(updates, state, params=None):
+        dtype = state.square_avg.dtype
+        sq = sum(jnp.sum(g**2) for g in jax.tree.leaves(updates))
+        square_avg = decay * state.square_avg + (1 - decay) * sq
+        count = state.count + 1
+        debias = 1 - jnp.asarray(decay, dtype) ** count.astype(dtype)
+        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        step = jnp.asarray(lr, dtype) / (jnp.sqrt(square_avg / debias) + eps)
+        return jax.tree.map(lambda g: -step * g, updates), RmsNormalizedState(count, square_avg)
+
+    return optax.GradientTransformation(init, update)
+
+
+# --- the loop ---------------------------------------------------------------------------
+
+
+def _vdot(a, b):
+    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _projected_step(updates, grads, state):
+    """$h=\\langle-u,g\\rangle/\\|g\\|^2$ (0 where $g=0$): the step along $-g$."""
+    num, den = -_vdot(updates, grads), _vdot(grads, grads)
+    return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+
+
+def _gd_update(grads, learning_rate, params=None):
+    return jax.tree.map(lambda g: -learning_rate * g, grads), learning_rate
+
+
+def _gd_step(updates, grads, learning_rate):
+    return learning_rate
+
+
+class _Carry(NamedTuple):
+    model: Any
+    opt_state: Any
+    t: Array  # accumulated step size, with its Kahan compensation
+    comp: Array
+    k: Array
+    status: Array
+    slot: Array  # index of the next save
+    ts: Array
+    saved: dict
+
+
+def _all_finite(tree) -> Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _observe(t, model, objective, observers):
+    return {name: fn(t, model, objective) for name, fn in observers.items()}
+
+
+_observe_jit = eqx.filter_jit(_observe)
+
+
+@eqx.filter_jit
+def _run(carry, k_end, objective, save_steps, loss_tol, t1, *, update, step_size, observers):
+    def step(c: _Carry) -> _Carry:
+        loss, grads = eqx.filter_value_and_grad(objective)(c.model)
+        updates, opt_state = update(grads, c.opt_state, c.model)
+        h = step_size(updates, grads, c.opt_state)
+        model = eqx.apply_updates(c.model, updates)
+        y = h - c.comp  # Kahan: t_k = k·η to rounding for constant steps
+        t = c.t + y
+        comp = (t - c.t) - y
+        finite = jnp.isfinite(loss) & jnp.isfinite(h) & _all_finite(model)
+        hit_loss = loss <= loss_tol
+        advance = finite & ~hit_loss
+        status = jnp.where(
+            hit_loss, _LOSS, jnp.where(~finite, _NON_FINITE, jnp.where(t >= t1, _T1, _RUNNING))
+        ).astype(c.status.dtype)
+        moved = (model, opt_state, t, comp, c.k + 1)
+        kept = (c.model, c.opt_state, c.t, c.comp, c.k)
+        model, opt_state, t, comp, k = jax.tree.map(
+            lambda a, b: jnp.where(advance, a, b), moved, kept
+        )
+        return c._replace(model=model, opt_state=opt_state, t=t, comp=comp, k=k, status=status)
+
+    def record(c: _Carry) -> _Carry:
+        obs = _observe(c.t, c.model, objective, observers)
+        saved = jax.tree.map(lambda buf, x: buf.at[c.slot].set(x), c.saved, obs)
+        return c._replace(ts=c.ts.at[c.slot].set(c.t), saved=saved, slot=c.slot + 1)
+
+    def segment(c: _Carry) -> _Carry:
+        target = jnp.minimum(save_steps[c.slot], k_end)
+        c = jax.lax.while_loop(lambda c: (c.status == _RUNNING) & (c.k < target), step, c)
+        return jax.lax.cond(c.k == save_steps[c.slot], record, lambda c: c, c)
+
+    return jax.lax.while_loop(lambda c: (c.status == _RUNNING) & (c.k < k_end), segment, carry)
+
+
+# --- the public function ----------------------------------------------------------------
+
+
+def descent(
+    model: AbstractFactorization,
+    objective: AbstractObjective,
+    optimizer: float | ArrayLike | optax.GradientTransformation,
+    *,
+    steps: int,
+    save_every: int | None = None,
+    save_steps=None,
+    observers=None,
+    t1: float | None = None,
+    loss_tol: float | None = None,
+    progress: bool = False,
+    throw: bool = True,
+) -> Trajectory:
+    r"""Run gradient descent (or any Optax optimizer) from `model` on `objective`.
+
+    **Time.** Step $k$ moves the weights by $u_k$ and advances the clock by
+    $h_k$; `ts` are the accumulated sums $t_k=\sum_{i<k}h_i$ (compensated summation).
+
+    - Plain GD (`optimizer` a number $\eta$): $h_k=\eta$, so $t_k=k\eta$, the time at
+      which gradient flow is compared with GD.
+    - An Optax transformation: $h_k=\langle-u_k,g_k\rangle/\|g_k\|^2$ ($0$ where
+      $g_k=0$), the gradient-flow time that gives the same first-order loss decrease
+      ($\phi$ drops by $h_k\|g_k\|^2$ to first order, as along the flow). For any
+      update along $-g_k$ — `optax.sgd` with or without a schedule, and
+      [`gradflow.rms_normalized`][] — this is the step size itself (to rounding), and
+      the small-step limit is gradient flow in exactly this time. For heavy-ball
+      momentum $\beta$ it tends to $\eta/(1-\beta)$ once the momentum has built up,
+      the time change of its small-step limit. For Adam and other preconditioned
+      methods, which are not time changes of the flow, it is a $g^2$-weighted mean of
+      the per-coordinate steps, and it can be negative (time runs back) if an update
+      points uphill.
+
+    **Stopping.** After `steps` steps (status `"t1"`); at the first step with
+    $t\ge$ `t1` if given (status `"t1"`; `"max_steps"` if `steps` run out first);
+    at the first iterate whose loss is $\le$ `loss_tol` (status `"loss"`); or, with
+    status `"non_finite"`, when a step would make the loss, the step size or the
+    weights non-finite — the run then ends at the last finite iterate and
+    `stats["steps"]` is the step that failed.
+
+    **Arguments:**
+
+    - `model`: the initial factorization.
+    - `objective`: a `Completion` or `Sensing` objective of the same shape.
+    - `optimizer`: a learning rate $\eta>0$ for plain gradient descent (an array
+      argument: another $\eta$ does not recompile), or any `optax.GradientTransformation`,
+      e.g. `optax.sgd(eta, momentum=0.9)`, `optax.adam(eta)`, [`gradflow.rms_normalized`][].
+    - `steps`: the most steps to take (int $\ge1$).
+    - `save_every`: record the observers at steps $0, s, 2s, \dots$.
+    - `save_steps`: or at these step indices (increasing ints in $[0,$ `steps`$]$).
+      Default: step 0 and a geometric grid up to `steps` (about 256 saves). The
+      iterate where the run ended is always appended as the last save.
+    - `observers`: as in [`gradflow.flow`][]: names, callables
+      `(t, model, objective) -> pytree` or a `{name: callable}` dict.
+    - `t1`: stop once the clock reaches `t1` (`steps` is then a budget; saves after
+      the stop are dropped, so choose `save_steps` for the expected length).
+    - `loss_tol`: stop at the first iterate with loss $\le$ `loss_tol`.
+    - `progress`: show a progress bar; the loop then runs in up to
+      `PROGRESS_CHUNKS` compiled chunks (one compilation for all of them).
+    - `throw`: raise [`gradflow.DescentError`][] (carrying the partial trajectory) if
+      the run did not finish; with `False` it is returned with `status` saying why.
+
+    **Returns:** a [`gradflow.Trajectory`][]; `stats["save_steps"]` are the step
+    indices of `ts`, and `stats["steps"]` the number of steps taken.
+
+    !!! Example
+
+        ```python
+        import gradflow as gf
+
+        gd = gf.descent(model, objective, 1e-3, steps=20_000, save_every=1000)
+        gf_ = gf.flow(model, objective, t1=gd.t_final, save_times=gd.ts)
+        gf.analysis.descent.trajectory_distance(gd, gf_)  # O(1e-3)
+        ```
+    """
+    if not isinstance(objective, AbstractObjective):
+        raise TypeError(f"`objective` must be a gradflow objective, got {objective!r}.")
+    objective.check_model(model)
+    for i, leaf in enumerate(jax.tree.leaves(model)):
+        check_finite(f"model (weight array {i})", leaf)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"`steps` must be an int >= 1, got {steps!r}.")
+    for name, value in (("t1", t1), ("loss_tol", loss_tol)):
+        if value is not None:
+            check_positive(name, value)
+    saves = _check_save_steps(steps, save_every, save_steps)
+    dtype = jax.tree.leaves(model)[0].dtype
+    update, step_size, opt_state, opt_config = _optimizer(optimizer, model, dtype)
+    observers = _observers.resolve(observers)
+
+    zero = jnp.zeros((), dtype)
+    index = jnp.asarray(0).dtype
+    shapes = eqx.filter_eval_shape(_observe, zero, model, objective, observers)
+    carry = _Carry(
+        model=model,
+        opt_state=opt_state,
+        t=zero,
+        comp=zero,
+        k=jnp.zeros((), index),
+        status=jnp.asarray(_RUNNING, index),
+        slot=jnp.zeros((), index),
+        ts=jnp.zeros(saves.size, dtype),
+        saved=jax.tree.map(lambda s: jnp.zeros((saves.size,) + s.shape, s.dtype), shapes),
+    )
+    padded = jnp.asarray(np.append(saves, steps + 1), index)  # a sentinel past the end
+    as_time = lambda x, default: jnp.asarray(default if x is None else x, dtype)
+    args = (objective, padded, as_time(loss_tol, -jnp.inf), as_time(t1, jnp.inf))
+    kw = dict(update=update, step_size=step_size, observers=observers)
+    chunk = math.ceil(steps / PROGRESS_CHUNKS) if progress else steps
+
+    start = time.perf_counter()
+    bar = _progress_bar(steps) if progress else None
+    k_end = 0
+    try:
+        while k_end < steps:
+            k_end = min(k_end + chunk, steps)
+            carry = _run(carry, jnp.asarray(k_end, index), *args, **kw)
+            if bar is not None:
+                bar.update(int(carry.k) - bar.n)
+            if int(carry.status) != _RUNNING:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    final = _observe_jit(carry.t, carry.model, objective, observers)
+    jax.block_until_ready(final)
+    wall = time.perf_counter() - start
+
+    config = {"steps": steps, "t1": t1, "loss_tol": loss_tol, "observers": list(observers)}
+    trajectory = _trajectory(carry, final, padded, t1, wall, opt_config | config)
+    if throw and not trajectory.ok:
+        raise DescentError(trajectory)
+    return trajectory
+
+
+def _optimizer(optimizer, model, dtype):
+    """(update, step_size, initial state, config) for a learning rate or an Optax transform."""
+    if isinstance(optimizer, optax.GradientTransformation):
+        return optimizer.update, _projected_step, optimizer.init(model), {"optimizer": "optax"}
+    if callable(optimizer) or isinstance(optimizer, (str, bytes)):
+        raise TypeError(
+            "`optimizer` must be a learning rate (plain gradient descent) or an "
+            f"`optax.GradientTransformation`, got {optimizer!r}."
+        )
+    try:
+        lr = jnp.asarray(optimizer, dtype)
+    except TypeError:
+        raise TypeError(
+            "`optimizer` must be a learning rate or an `optax.GradientTransformation`, "
+            f"got {optimizer!r}."
+        )
+    if lr.shape != ():
+        raise ValueError(f"`optimizer` (a learning rate) must be a scalar, got shape {lr.shape}.")
+    rate = float(lr)
+    if not (np.isfinite(rate) and rate > 0):
+        raise ValueError(
+            f"`optimizer` (the learning rate of plain gradient descent) must be > 0, got {rate}."
+        )
+    return _gd_update, _gd_step, lr, {"optimizer": "gd", "learning_rate": rate}
+
+
+def _check_save_steps(steps, save_every, save_steps) -> np.ndarray:
+    if save_every is not None and save_steps is not None:
+        raise ValueError("Pass at most one of `save_every` and `save_steps`.")
+    if save_every is not None:
+        if not isinstance(save_every, int) or isinstance(save_every, bool) or save_every < 1:
+            raise ValueError(f"`save_every` must be an int >= 1, got {save_every!r}.")
+        return np.arange(0, steps + 1, save_every)
+    if save_steps is None:
+        grid = np.round(np.geomspace(1, steps, 255)).astype(np.int64)
+        return np.unique(np.concatenate([[0], grid]))
+    arr = np.asarray(save_steps)
+    if arr.ndim != 1 or arr.size < 1 or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(
+            f"`save_steps` must be a non-empty 1-d array of ints, got {arr.dtype} "
+            f"array of shape {arr.shape}."
+        )
+    if arr[0] < 0 or arr[-1] > steps or np.any(np.diff(arr) <= 0):
+        raise ValueError(
+            f"`save_steps` must be strictly increasing and within [0, steps={steps}]."
+        )
+    return arr.astype(np.int64)
+
+
+def _trajectory(carry, final, padded, t1, wall, config) -> Trajectory:
+    n, k = int(carry.slot), int(carry.k)
+    code = int(carry.status)
+    status = {_LOSS: "loss", _NON_FINITE: "non_finite", _T1: "t1"}.get(code)
+    if status is None:  # ran out of steps
+        status = "t1" if t1 is None else "max_steps"
+    save_steps = np.asarray(padded[:n])
+    ts = np.asarray(carry.ts[:n])
+    observations = jax.tree.map(lambda x: np.asarray(x[:n]), carry.saved)
+    final = jax.tree.map(np.asarray, final)
+    t_final = float(carry.t)
+    if n == 0 or save_steps[-1] != k:  # the trajectory ends where the run did
+        save_steps = np.append(save_steps, k)
+        ts = np.append(ts, t_final)
+        observations = jax.tree.map(
+            lambda v, f: np.concatenate([v, f[None]]), observations, final
+        )
+    evaluations = k + (code in (_LOSS, _NON_FINITE))
+    return Trajectory(
+        ts=ts,
+        observations=observations,
+        t_final=t_final,
+        final=final,
+        model=carry.model,
+        status=status,
+        stats={
+            "steps": k,
+            "accepted_steps": k,
+            "rejected_steps": 0,
+            "gradient_evaluations": evaluations,
+            "wall_time": wall,
+            "save_steps": save_steps,
+        },
+        config=config,
+    )
+
+
+def _progress_bar(steps):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=steps, unit="step", desc="descent")

@@ -1,0 +1,247 @@
+"""Razin & Cohen (NeurIPS 2020): all norms go to infinity while the rank is minimized.
+
+The 2x2 completion problem with observed entries (1,2) = 1, (2,1) = 1, (2,2) = 0
+(THEORY.md §2.1), deep matrix factorizations of depths 2, 3, 4 from a balanced init
+with det W(0) > 0. Along the flow the unobserved |w11|, the Frobenius and nuclear
+norms grow like 1/sqrt(loss) while sigma_min, erank - 1 and rank-subopt shrink, and
+the explicit bounds of §2.3 hold at every save. The perturbed problem of §2.4
+(z = -2, z' = 0.5, (2,2) = eps, det W(0) < 0) shows the effect receding as eps grows:
+|w11| stops near |z z' / eps|.
+
+Float64 caveat (THEORY.md §2.3): det W decays to 0 along the flow (exponentially at
+depth 2), and once it falls below the solver's resolution its sign is lost. The
+summary reports, per run, the loss down to which det kept the sign of det W(0); the
+bounds are checked on that stretch.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import jax.random as jr
+import matplotlib.pyplot as plt
+import numpy as np
+
+from .. import plotting
+from ..analysis import matrix as am
+from ..flow import flow
+from ..models.matrix import DeepMatrix
+from ..objectives import Completion
+from ..solvers import RosenbrockW
+from ..stiffness import DenseHessian
+
+NAME = "rc-norms"
+OBSERVED = jnp.array([[0, 1], [1, 0], [1, 1]])  # every entry but (1,1) (0-based (0,0))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--depths", type=int, nargs="+", default=[2, 3, 4])
+    parser.add_argument("--init", choices=["identity", "gaussian"], default="identity",
+                        help="W(0) = scale * diag(+-1, 1) (THEORY §2.3's runs), or a Gaussian "
+                             "matrix of norm scale; balanced layers either way")
+    parser.add_argument("--scale", type=float, default=1e-1,
+                        help="scale of the end matrix at init (see --init)")
+    parser.add_argument("--perturbed-depth", type=int, default=3)
+    parser.add_argument("--eps", type=float, nargs="+", default=[0.0, 0.01, 0.05, 0.1, 0.5],
+                        help="observed (2,2) entry of the perturbed problem")
+    parser.add_argument("--z", type=float, nargs=2, default=[-2.0, 0.5],
+                        help="observed (1,2) and (2,1) entries of the perturbed problem")
+    parser.add_argument("--loss-tol", type=float, default=1e-8,
+                        help="stop when the (mean 1/2 squared) loss falls below this")
+    parser.add_argument("--t1", type=float, default=1e14)
+    parser.add_argument("--rtol", type=float, default=1e-10)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def problem(z: float = 1.0, z2: float = 1.0, eps: float = 0.0) -> Completion:
+    """The 2×2 completion problem of §2.1 (defaults) or §2.4: (1,2)=z, (2,1)=z', (2,2)=eps."""
+    return Completion((2, 2), OBSERVED, jnp.array([z, z2, eps]))
+
+
+def initial_model(key, depth: int, scale: float, det_sign: int, init: str = "identity"):
+    r"""Balanced 2×2 layers whose product $W(0)$ has the given det sign.
+
+    `init="identity"`: $W(0)=$ `scale`$\cdot\mathrm{diag}(\pm1, 1)$;
+    `init="gaussian"`: a Gaussian matrix scaled to Frobenius norm `scale`, its rows
+    swapped if needed.
+    """
+    k_end, k_layers = jr.split(key)
+    if init == "identity":
+        end = scale * jnp.diag(jnp.array([float(det_sign), 1.0]))
+    else:
+        g = jr.normal(k_end, (2, 2))
+        g = g if np.sign(float(jnp.linalg.det(g))) == det_sign else g[::-1]
+        end = scale * g / jnp.linalg.norm(g)
+    return DeepMatrix.balanced(k_layers, end, (2,) * (depth + 1))
+
+
+def _det(model: DeepMatrix):
+    # The product of the layers' determinants keeps its accuracy when det W is far
+    # below the rounding error of W's entries.
+    return jnp.prod(jnp.stack([jnp.linalg.det(w) for w in model.layers]))
+
+
+OBSERVERS = {
+    "end": lambda t, m, o: m.full(),
+    "det": lambda t, m, o: _det(m),
+    "singular_values": lambda t, m, o: m.component_norms(),
+    "effective_rank": lambda t, m, o: am.effective_rank(m.full()),
+    "s": lambda t, m, o: am.residual_scale(m, o),
+}
+
+
+def solve(model, objective, args):
+    """Gradient flow of one 2×2 run with the stiff-capable solver, to `args.loss_tol`."""
+    return flow(model, objective, t1=args.t1, loss_tol=args.loss_tol, observers=OBSERVERS,
+                save_times=np.concatenate([[0.0], np.geomspace(1e-2, args.t1, 1200)]),
+                solver=RosenbrockW(DenseHessian(), refresh_every=1), rtol=args.rtol,
+                max_steps=400_000)
+
+
+def measures(tr, z: float = 1.0, z2: float = 1.0, eps: float = 0.0) -> dict:
+    """Per-save norms, rank measures and the §2.3/§2.4 bounds of a 2×2 trajectory."""
+    end = np.asarray(tr["end"])
+    sv = np.asarray(tr["singular_values"])
+    det = np.asarray(tr["det"])
+    s = np.asarray(tr["s"])
+    sigma2 = np.abs(det) / sv[:, 0]  # accurate where det is far below W's rounding
+    lower, upper = (np.asarray(b) for b in am.rc_perturbed_bounds(s, z, z2, eps))
+    kept = np.cumprod(np.sign(det) == np.sign(det[0])).astype(bool)
+    erank = np.asarray(tr["effective_rank"])
+    return {
+        "loss": np.asarray(tr["loss"]),
+        "s": s,
+        "abs_w11": np.abs(end[:, 0, 0]),
+        "frobenius": np.sqrt(np.sum(sv**2, axis=1)),
+        "nuclear": np.sum(sv, axis=1),
+        "sigma_min": sigma2,
+        "effective_rank": erank,
+        "rank_subopt": np.maximum(sigma2, erank - 1.0),
+        "det": det,
+        "sign_kept": kept,
+        "w11_lower_bound": lower,
+        "sigma_min_upper_bound": upper,
+    }
+
+
+def bound_report(m: dict) -> dict:
+    """How the bounds fared on the saves where det kept its initial sign and the bound applies."""
+    on = m["sign_kept"] & (m["w11_lower_bound"] > 0)
+    if not np.any(on):
+        return {"saves_checked": 0}
+    w11_ratio = m["abs_w11"][on] / m["w11_lower_bound"][on]
+    s2_ratio = m["sigma_min"][on] / m["sigma_min_upper_bound"][on]
+    return {
+        "saves_checked": int(on.sum()),
+        "min_abs_w11_over_bound": float(w11_ratio.min()),
+        "max_sigma_min_over_bound": float(s2_ratio.max()),
+        "holds": bool(w11_ratio.min() >= 1 and s2_ratio.max() <= 1),
+    }
+
+
+def _summary(tr, m: dict) -> dict:
+    kept = m["sign_kept"]
+    last = int(np.flatnonzero(kept)[-1])
+    return {
+        "status": tr.status,
+        "t_final": tr.t_final,
+        "final_loss": float(m["loss"][-1]),
+        "final_abs_w11": float(m["abs_w11"][-1]),
+        "final_frobenius": float(m["frobenius"][-1]),
+        "final_nuclear": float(m["nuclear"][-1]),
+        "final_sigma_min": float(m["sigma_min"][-1]),
+        "final_effective_rank": float(m["effective_rank"][-1]),
+        "final_rank_subopt": float(m["rank_subopt"][-1]),
+        "det_sign_kept_to_loss": float(m["loss"][last]),
+        "det_sign_kept_to_end": bool(kept[-1]),
+        "abs_w11_times_s_at_that_loss": float(m["abs_w11"][last] * m["s"][last]),
+        "bounds": bound_report(m),
+        "steps": tr.stats["steps"],
+        "wall_time_s": round(tr.stats["wall_time"], 2),
+    }
+
+
+def run(args, out: Path, progress: bool = True) -> dict:
+    key = jr.key(args.seed)
+    results = {"unperturbed": {}, "perturbed": {}}
+    curves = {"unperturbed": {}, "perturbed": {}}
+    for depth in args.depths:
+        tr = solve(initial_model(key, depth, args.scale, +1, args.init), problem(), args)
+        curves["unperturbed"][depth] = m = measures(tr)
+        results["unperturbed"][f"depth{depth}"] = _summary(tr, m)
+        if progress:
+            print(f"[{NAME}] depth {depth}: {json.dumps(results['unperturbed'][f'depth{depth}'])}",
+                  flush=True)
+    z, z2 = args.z
+    sign = int(np.sign(z * z2))
+    for eps in args.eps:
+        model = initial_model(key, args.perturbed_depth, args.scale, sign, args.init)
+        tr = solve(model, problem(z, z2, eps), args)
+        curves["perturbed"][eps] = m = measures(tr, z, z2, eps)
+        results["perturbed"][f"eps{eps:g}"] = _summary(tr, m) | {
+            "abs_z_z2_over_eps": abs(z * z2 / eps) if eps else None}
+        if progress:
+            print(f"[{NAME}] eps {eps:g}: {json.dumps(results['perturbed'][f'eps{eps:g}'])}",
+                  flush=True)
+    _figure(curves, args, out / f"{NAME}.png")
+    (out / "summary.json").write_text(json.dumps(
+        {"experiment": NAME, "config": vars(args) | {"out": str(out)}, "results": results},
+        indent=2, default=str))
+    return results
+
+
+def _loss_axis(ax):
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.invert_xaxis()
+    ax.set_xlabel("loss (decreasing →)")
+    ax.grid(alpha=0.3)
+
+
+def _plot_kept(ax, m, y, **kw):
+    """Solid where det kept its initial sign, dotted after (float64 lost it)."""
+    kept = m["sign_kept"]
+    (line,) = ax.plot(m["loss"][kept], y[kept], **kw)
+    if not kept[-1]:
+        first = int(np.argmin(kept)) - 1
+        ax.plot(m["loss"][first:], y[first:], ls=":", color=line.get_color())
+
+
+def _figure(curves, args, path):
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    for i, (depth, m) in enumerate(curves["unperturbed"].items()):
+        color = f"C{i}"
+        _plot_kept(axes[0, 0], m, m["abs_w11"], color=color, label=f"|w11|, depth {depth}")
+        _plot_kept(axes[0, 0], m, m["nuclear"], color=color, alpha=0.5, lw=3)
+        _plot_kept(axes[0, 1], m, m["sigma_min"], color=color, label=f"depth {depth}")
+        _plot_kept(axes[0, 2], m, m["rank_subopt"], color=color, label=f"depth {depth}")
+    if curves["unperturbed"]:
+        m = max(curves["unperturbed"].values(), key=lambda m: m["loss"].size)
+        axes[0, 0].plot(m["loss"], m["w11_lower_bound"], "k--", label="bound (1-s)²/s")
+        axes[0, 1].plot(m["loss"], m["sigma_min_upper_bound"], "k--", label="§2.3 bound")
+        axes[0, 1].set_ylim(top=10)
+    axes[0, 0].set_title("norms → ∞ (thin: |w11|, thick: nuclear norm)")
+    axes[0, 1].set_title("σ_min → 0")
+    axes[0, 2].set_title("rank-subopt = max(σ_min, erank − 1)")
+    z, z2 = args.z
+    colors = plt.cm.plasma(np.linspace(0, 0.85, max(len(curves["perturbed"]), 1)))
+    for c, (eps, m) in zip(colors, curves["perturbed"].items()):
+        _plot_kept(axes[1, 0], m, m["abs_w11"], color=c, label=f"ε = {eps:g}")
+        axes[1, 0].plot(m["loss"], np.where(m["w11_lower_bound"] > 0, m["w11_lower_bound"],
+                                            np.nan), "--", color=c, lw=0.8)
+        if eps:
+            axes[1, 0].axhline(abs(z * z2 / eps), color=c, ls=":", lw=0.8)
+        _plot_kept(axes[1, 1], m, m["sigma_min"], color=c, label=f"ε = {eps:g}")
+        _plot_kept(axes[1, 2], m, m["effective_rank"], color=c, label=f"ε = {eps:g}")
+    axes[1, 0].set_title(f"perturbed (z={z:g}, z'={z2:g}): |w11| (dashed: §2.4 bound, "
+                         "dotted: |zz'/ε|)", fontsize=9)
+    axes[1, 1].set_title("perturbed: σ_min")
+    axes[1, 2].set_title("perturbed: effective rank")
+    for ax in axes.ravel():
+        _loss_axis(ax)
+        ax.legend(fontsize=7)
+    axes[1, 2].set_yscale("linear")
+    fig.suptitle("Razin–Cohen 2×2 completion under gradient flow (dotted tails: det sign "
+                 "lost to float64)", fontsize=10)
+    plotting.save(fig, path)
