@@ -1,6 +1,9 @@
 """`gradflow` command line."""
 
 import argparse
+import importlib
+import importlib.util
+import json
 import sys
 import time
 from pathlib import Path
@@ -24,7 +27,20 @@ def main(argv=None) -> int:
         p.add_argument("--out", type=Path, default=None,
                        help=f"output folder (default runs/{name})")
         p.add_argument("--quiet", action="store_true", help="no progress output")
+    verify = sub.add_parser(
+        "verify", help="check every theorem on random instances; exit 1 if any fails",
+        description="Draw random instances of every registered theorem check, integrate "
+                    "them, and print check, cases, worst residual, tolerance and verdict.")
+    verify.add_argument("--only", nargs="+", metavar="NAME", help="run only these checks")
+    verify.add_argument("--cases", type=int, default=3, help="instances per check (default 3)")
+    verify.add_argument("--seed", type=int, default=0)
+    verify.add_argument("--json", type=Path, metavar="FILE", help="also write the results here")
+    verify.add_argument("--import", dest="imports", nargs="+", default=[], metavar="MODULE",
+                        help="modules or .py files that register more checks first")
+    verify.add_argument("--list", action="store_true", help="list the checks and exit")
     args = parser.parse_args(argv)
+    if args.command == "verify":
+        return _verify(args)
     module = EXPERIMENTS[args.experiment]
     out = args.out or Path("runs") / args.experiment
     out.mkdir(parents=True, exist_ok=True)
@@ -33,6 +49,47 @@ def main(argv=None) -> int:
     print(f"[{args.experiment}] done in {time.perf_counter() - start:.1f}s; "
           f"results in {out}/", flush=True)
     return 0
+
+
+def _import(name: str) -> None:
+    if name.endswith(".py"):
+        spec = importlib.util.spec_from_file_location(Path(name).stem, name)
+        if spec is None or not Path(name).is_file():
+            raise SystemExit(f"gradflow verify: --import: no such file {name!r}")
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    else:
+        importlib.import_module(name)
+
+
+def _verify(args) -> int:
+    from . import verify
+
+    for name in args.imports:
+        _import(name)
+    if args.list:
+        for check in verify.CHECKS.values():
+            print(f"{check.name:<26} {check.statement}\n{'':<26} when: {check.preconditions}")
+        return 0
+    print(verify.HEADER, flush=True)
+
+    def show(result):
+        print(verify.format_row(result), flush=True)
+        if not result.passed:
+            print(f"{'':<4}worst {result.worst_case}" + (f"; {result.error}" if result.error
+                                                         else ""), flush=True)
+
+    try:
+        results = verify.run_checks(args.only, args.cases, args.seed, on_result=show)
+    except ValueError as error:
+        raise SystemExit(f"gradflow verify: {error}")
+    failed = [r.name for r in results if not r.passed]
+    print(f"{len(results) - len(failed)}/{len(results)} checks passed"
+          + (f"; FAILED: {', '.join(failed)}" if failed else ""), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(
+            {"cases": args.cases, "seed": args.seed,
+             "results": [r.__dict__ | {"passed": r.passed} for r in results]}, indent=2))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import pytest
 import gradflow as gf
 from gradflow.flow import _Bracketing
 from gradflow.analysis import cp as acp
-from oracles import constant_gamma_hitting_time, logistic, product_flow_time
+from gradflow.analysis.closed_forms import constant_gamma_hitting_time, logistic, product_flow_time
 
 TIGHT = dict(rtol=1e-11, atol=1e-14)
 

@@ -10,7 +10,7 @@ import pytest
 import gradflow as gf
 from gradflow.analysis import matrix as am
 from gradflow.models.matrix import DeepMatrix
-from oracles import logistic, product_flow_time
+from gradflow.analysis.closed_forms import logistic, product_flow_time
 
 TIGHT = dict(rtol=1e-11, atol=1e-14)
 ALL_2X2 = jnp.array([[0, 1], [1, 0], [1, 1]])  # every entry but (0, 0)

@@ -1,3 +1,4 @@
+from . import closed_forms as closed_forms
 from . import cp as cp
 from . import matrix as matrix
 from . import descent as descent

@@ -229,3 +229,77 @@ def balancedness_verdict(imbalances, scales, tolerance: float = 1e-10) -> Verdic
     drift = np.abs(c - c[0]).max() if c.size else 0.0
     scale = max(float(np.max(scales)), np.finfo(float).tiny)
     return Verdict("balancedness_drift", float(drift / scale), tolerance)
+
+
+def determinant(model: DeepMatrix) -> Float[Array, ""]:
+    r"""$\det W$ as $\prod_j\det W_j$ when every layer is square (it keeps its accuracy
+    when $\det W$ is far below the rounding error of $W$'s entries), else $\det W$."""
+    if all(w.shape[0] == w.shape[1] for w in model.layers):
+        return jnp.prod(jnp.stack([jnp.linalg.det(w) for w in model.layers]))
+    return jnp.linalg.det(model.full())
+
+
+RC_OBSERVERS = {
+    "end": lambda t, m, o: m.full(),
+    "det": lambda t, m, o: determinant(m),
+    "singular_values": lambda t, m, o: m.component_norms(),
+    "effective_rank": lambda t, m, o: effective_rank(m.full()),
+    "s": lambda t, m, o: residual_scale(m, o),
+}
+"""Observers that [`gradflow.analysis.matrix.rc_measures`][] reads off a 2×2 trajectory."""
+
+
+def rc_measures(trajectory, z: float = 1.0, z2: float = 1.0, eps: float = 0.0) -> dict:
+    r"""Per-save norms, rank measures and the §2.3/§2.4 bounds along a 2×2 trajectory.
+
+    **Arguments:**
+
+    - `trajectory`: a flow of a 2×2 `DeepMatrix` observed with `RC_OBSERVERS`.
+    - `z`, `z2`, `eps`: the observed (1,2), (2,1) and (2,2) entries (§2.4; the
+      defaults are §2.1's problem).
+
+    **Returns:** a dict of arrays over the saves: `loss`, `s`, `abs_w11`, `frobenius`,
+    `nuclear`, `sigma_min` ($|\det W|/\sigma_1$), `effective_rank`, `rank_subopt`,
+    `det`, `sign_kept` (det still has its initial sign, at this save and all before),
+    `w11_lower_bound`, `sigma_min_upper_bound`.
+    """
+    end = np.asarray(trajectory["end"])
+    sv = np.asarray(trajectory["singular_values"])
+    det = np.asarray(trajectory["det"])
+    s = np.asarray(trajectory["s"])
+    sigma2 = np.abs(det) / sv[:, 0]
+    lower, upper = (np.asarray(b) for b in rc_perturbed_bounds(s, z, z2, eps))
+    erank = np.asarray(trajectory["effective_rank"])
+    return {
+        "loss": np.asarray(trajectory["loss"]),
+        "s": s,
+        "abs_w11": np.abs(end[:, 0, 0]),
+        "frobenius": np.sqrt(np.sum(sv**2, axis=1)),
+        "nuclear": np.sum(sv, axis=1),
+        "sigma_min": sigma2,
+        "effective_rank": erank,
+        "rank_subopt": np.maximum(sigma2, erank - 1.0),
+        "det": det,
+        "sign_kept": np.cumprod(np.sign(det) == np.sign(det[0])).astype(bool),
+        "w11_lower_bound": lower,
+        "sigma_min_upper_bound": upper,
+    }
+
+
+def rc_bound_report(measures: dict) -> dict:
+    """How the §2.3/§2.4 bounds fared on the saves where det kept its initial sign and
+    the bounds apply ($s<\\min(|z|,|z'|)$): the worst ratios, and `violation`, how far
+    the worst one is past its bound (0 when both hold)."""
+    on = measures["sign_kept"] & (measures["w11_lower_bound"] > 0)
+    if not np.any(on):
+        return {"saves_checked": 0, "violation": 0.0, "holds": True}
+    w11_ratio = measures["abs_w11"][on] / measures["w11_lower_bound"][on]
+    s2_ratio = measures["sigma_min"][on] / measures["sigma_min_upper_bound"][on]
+    violation = max(1.0 - float(w11_ratio.min()), float(s2_ratio.max()) - 1.0, 0.0)
+    return {
+        "saves_checked": int(on.sum()),
+        "min_abs_w11_over_bound": float(w11_ratio.min()),
+        "max_sigma_min_over_bound": float(s2_ratio.max()),
+        "violation": violation,
+        "holds": violation == 0.0,
+    }

@@ -76,68 +76,12 @@ def initial_model(key, depth: int, scale: float, det_sign: int, init: str = "ide
     return DeepMatrix.balanced(k_layers, end, (2,) * (depth + 1))
 
 
-def _det(model: DeepMatrix):
-    # The product of the layers' determinants keeps its accuracy when det W is far
-    # below the rounding error of W's entries.
-    return jnp.prod(jnp.stack([jnp.linalg.det(w) for w in model.layers]))
-
-
-OBSERVERS = {
-    "end": lambda t, m, o: m.full(),
-    "det": lambda t, m, o: _det(m),
-    "singular_values": lambda t, m, o: m.component_norms(),
-    "effective_rank": lambda t, m, o: am.effective_rank(m.full()),
-    "s": lambda t, m, o: am.residual_scale(m, o),
-}
-
-
 def solve(model, objective, args):
     """Gradient flow of one 2×2 run with the stiff-capable solver, to `args.loss_tol`."""
-    return flow(model, objective, t1=args.t1, loss_tol=args.loss_tol, observers=OBSERVERS,
+    return flow(model, objective, t1=args.t1, loss_tol=args.loss_tol, observers=am.RC_OBSERVERS,
                 save_times=np.concatenate([[0.0], np.geomspace(1e-2, args.t1, 1200)]),
                 solver=RosenbrockW(DenseHessian(), refresh_every=1), rtol=args.rtol,
                 max_steps=400_000)
-
-
-def measures(tr, z: float = 1.0, z2: float = 1.0, eps: float = 0.0) -> dict:
-    """Per-save norms, rank measures and the §2.3/§2.4 bounds of a 2×2 trajectory."""
-    end = np.asarray(tr["end"])
-    sv = np.asarray(tr["singular_values"])
-    det = np.asarray(tr["det"])
-    s = np.asarray(tr["s"])
-    sigma2 = np.abs(det) / sv[:, 0]  # accurate where det is far below W's rounding
-    lower, upper = (np.asarray(b) for b in am.rc_perturbed_bounds(s, z, z2, eps))
-    kept = np.cumprod(np.sign(det) == np.sign(det[0])).astype(bool)
-    erank = np.asarray(tr["effective_rank"])
-    return {
-        "loss": np.asarray(tr["loss"]),
-        "s": s,
-        "abs_w11": np.abs(end[:, 0, 0]),
-        "frobenius": np.sqrt(np.sum(sv**2, axis=1)),
-        "nuclear": np.sum(sv, axis=1),
-        "sigma_min": sigma2,
-        "effective_rank": erank,
-        "rank_subopt": np.maximum(sigma2, erank - 1.0),
-        "det": det,
-        "sign_kept": kept,
-        "w11_lower_bound": lower,
-        "sigma_min_upper_bound": upper,
-    }
-
-
-def bound_report(m: dict) -> dict:
-    """How the bounds fared on the saves where det kept its initial sign and the bound applies."""
-    on = m["sign_kept"] & (m["w11_lower_bound"] > 0)
-    if not np.any(on):
-        return {"saves_checked": 0}
-    w11_ratio = m["abs_w11"][on] / m["w11_lower_bound"][on]
-    s2_ratio = m["sigma_min"][on] / m["sigma_min_upper_bound"][on]
-    return {
-        "saves_checked": int(on.sum()),
-        "min_abs_w11_over_bound": float(w11_ratio.min()),
-        "max_sigma_min_over_bound": float(s2_ratio.max()),
-        "holds": bool(w11_ratio.min() >= 1 and s2_ratio.max() <= 1),
-    }
 
 
 def _summary(tr, m: dict) -> dict:
@@ -156,7 +100,7 @@ def _summary(tr, m: dict) -> dict:
         "det_sign_kept_to_loss": float(m["loss"][last]),
         "det_sign_kept_to_end": bool(kept[-1]),
         "abs_w11_times_s_at_that_loss": float(m["abs_w11"][last] * m["s"][last]),
-        "bounds": bound_report(m),
+        "bounds": am.rc_bound_report(m),
         "steps": tr.stats["steps"],
         "wall_time_s": round(tr.stats["wall_time"], 2),
     }
@@ -168,7 +112,7 @@ def run(args, out: Path, progress: bool = True) -> dict:
     curves = {"unperturbed": {}, "perturbed": {}}
     for depth in args.depths:
         tr = solve(initial_model(key, depth, args.scale, +1, args.init), problem(), args)
-        curves["unperturbed"][depth] = m = measures(tr)
+        curves["unperturbed"][depth] = m = am.rc_measures(tr)
         results["unperturbed"][f"depth{depth}"] = _summary(tr, m)
         if progress:
             print(f"[{NAME}] depth {depth}: {json.dumps(results['unperturbed'][f'depth{depth}'])}",
@@ -178,7 +122,7 @@ def run(args, out: Path, progress: bool = True) -> dict:
     for eps in args.eps:
         model = initial_model(key, args.perturbed_depth, args.scale, sign, args.init)
         tr = solve(model, problem(z, z2, eps), args)
-        curves["perturbed"][eps] = m = measures(tr, z, z2, eps)
+        curves["perturbed"][eps] = m = am.rc_measures(tr, z, z2, eps)
         results["perturbed"][f"eps{eps:g}"] = _summary(tr, m) | {
             "abs_z_z2_over_eps": abs(z * z2 / eps) if eps else None}
         if progress:
