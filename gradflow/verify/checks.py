@@ -37,6 +37,12 @@ def _linear(t1: float, num: int = 25) -> np.ndarray:
     return np.linspace(0.0, t1, num)
 
 
+def _accurate_case(model, objective, t1, observers, description) -> Case:
+    """A case integrated accurately to `t1`, observed at 25 equally spaced times."""
+    return Case(model, objective, dict(t1=t1, save_times=_linear(t1), observers=observers,
+                                       **ACCURATE), description)
+
+
 def _max_observed(name):
     return lambda tr, case: float(np.max(tr[name]))
 
@@ -63,11 +69,8 @@ def _cp_case(key, observers, balanced=False):
                                        sample_indices(k_obs, dims, m))
     make = CP.balanced if balanced else CP.gaussian
     model = make(k_init, dims, rank, scale)
-    t1 = 60.0 * m
-    observers = observers(model)
-    return Case(model, objective, dict(t1=t1, save_times=_linear(t1), observers=observers,
-                                       **ACCURATE),
-                f"order {order}, dims {d}, R={rank}, |Ω|={m}, scale {scale:.2g}")
+    return _accurate_case(model, objective, 60.0 * m, observers(model),
+                          f"order {order}, dims {d}, R={rank}, |Ω|={m}, scale {scale:.2g}")
 
 
 register(Check(
@@ -176,11 +179,9 @@ def _dmf_case(key, observers, balanced):
         model = DeepMatrix.balanced(k_init, scale * end / jnp.linalg.norm(end), dims)
     else:
         model = DeepMatrix.gaussian(k_init, dims, scale)
-    t1 = 10.0 * m
-    return Case(model, objective, dict(t1=t1, save_times=_linear(t1), observers=observers,
-                                       **ACCURATE),
-                f"dims {dims}, |Ω|={m}, scale {scale:.2g}, "
-                f"{'balanced' if balanced else 'Gaussian'}")
+    return _accurate_case(model, objective, 10.0 * m, observers,
+                          f"dims {dims}, |Ω|={m}, scale {scale:.2g}, "
+                          f"{'balanced' if balanced else 'Gaussian'}")
 
 
 register(Check(
@@ -275,11 +276,9 @@ def _htf_case(key, observers, balanced):
     scale = float(rng.uniform(0.3, 0.7))
     make = HTF.balanced if balanced else HTF.gaussian
     model = make(k_init, dims, tree, widths, scale)
-    t1 = 30.0 * m
-    return Case(model, objective, dict(t1=t1, save_times=_linear(t1), observers=observers,
-                                       **ACCURATE),
-                f"tree {tree.structure}, dims {dims}, widths {widths}, |Ω|={m}, "
-                f"scale {scale:.2g}")
+    return _accurate_case(model, objective, 30.0 * m, observers,
+                          f"tree {tree.structure}, dims {dims}, widths {widths}, |Ω|={m}, "
+                          f"scale {scale:.2g}")
 
 
 register(Check(
