@@ -8,7 +8,9 @@ if _os.environ.get("GRADFLOW_FLOAT32", "0") not in ("1", "true", "yes"):
     _jax.config.update("jax_enable_x64", True)
 
 from . import analysis as analysis
+from . import datasets as datasets
 from . import observers as observers
+from . import theorem2 as theorem2
 from .data import random_cp_tensor as random_cp_tensor
 from .data import sample_indices as sample_indices
 from .descent import descent as descent
@@ -17,6 +19,8 @@ from .descent import rms_normalized as rms_normalized
 from .descent import RmsNormalizedState as RmsNormalizedState
 from .flow import default_save_times as default_save_times
 from .flow import default_solver as default_solver
+from .flow import final_state as final_state
+from .flow import FinalState as FinalState
 from .flow import flow as flow
 from .flow import FlowError as FlowError
 from .flow import vector_field as vector_field
@@ -37,6 +41,8 @@ from .stiffness import AbstractStiffness as AbstractStiffness
 from .stiffness import DenseHessian as DenseHessian
 from .stiffness import Explicit as Explicit
 from .stiffness import LargestComponents as LargestComponents
+from .sweep import sweep as sweep
+from .sweep import SweepResult as SweepResult
 from .trajectory import Trajectory as Trajectory
 
 __version__ = "0.1.0"

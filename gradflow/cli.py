@@ -27,6 +27,23 @@ def main(argv=None) -> int:
         p.add_argument("--out", type=Path, default=None,
                        help=f"output folder (default runs/{name})")
         p.add_argument("--quiet", action="store_true", help="no progress output")
+    sweep = sub.add_parser("sweep", help="an experiment over init scales x seeds, compiled "
+                           "once, saved chunk by chunk (re-run to resume)")
+    sweep_sub = sweep.add_subparsers(dest="experiment", required=True)
+    for name, module in EXPERIMENTS.items():
+        if not hasattr(module, "sweep_setup"):
+            continue
+        p = sweep_sub.add_parser(name, help=module.__doc__.splitlines()[0],
+                                 description=module.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.add_argument("--scales", default="1e-1:1e-3:5",
+                       help="init scales: START:STOP:NUM (geometric) or a comma list")
+        p.add_argument("--seeds", type=int, default=2, help="seeds per scale")
+        p.add_argument("--chunk-size", type=int, default=4, help="members solved together")
+        p.add_argument("--out", type=Path, default=None,
+                       help=f"output folder (default runs/sweep-{name})")
+        p.add_argument("--quiet", action="store_true", help="no progress output")
     verify = sub.add_parser(
         "verify", help="check every theorem on random instances; exit 1 if any fails",
         description="Draw random instances of every registered theorem check, integrate "
@@ -41,12 +58,34 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "verify":
         return _verify(args)
+    if args.command == "sweep":
+        return _sweep(args)
     module = EXPERIMENTS[args.experiment]
     out = args.out or Path("runs") / args.experiment
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     module.run(args, out, progress=not args.quiet)
     print(f"[{args.experiment}] done in {time.perf_counter() - start:.1f}s; "
+          f"results in {out}/", flush=True)
+    return 0
+
+
+def _sweep(args) -> int:
+    from . import sweep_report
+
+    module = EXPERIMENTS[args.experiment]
+    out = args.out or Path("runs") / f"sweep-{args.experiment}"
+    start = time.perf_counter()
+    try:
+        summary = sweep_report.run(module, args, out, progress=not args.quiet)
+    except ValueError as error:
+        raise SystemExit(f"gradflow sweep: {error}")
+    if not args.quiet:
+        for row in summary["per_scale"]:
+            print(json.dumps(row), flush=True)
+        print(f"escape time ~ scale^{summary['escape_time_slope']:.2f} "
+              f"(theory: {summary['expected_slope']})", flush=True)
+    print(f"[sweep {args.experiment}] done in {time.perf_counter() - start:.1f}s; "
           f"results in {out}/", flush=True)
     return 0
 

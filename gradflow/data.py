@@ -1,5 +1,6 @@
 """Synthetic ground truths and observation patterns, generated in code."""
 
+import math
 from collections.abc import Sequence
 
 import jax.numpy as jnp
@@ -17,6 +18,22 @@ def random_cp_tensor(
     """A tensor of CP rank `rank` with Gaussian factors, rescaled to Frobenius `norm`.
 
     This is the ground truth of the tensor-factorization paper's code (THEORY.md §3.10).
+
+    **Arguments:**
+
+    - `key`: a JAX PRNG key.
+    - `dims`: mode dimensions $(d_1,\\dots,d_N)$, $N\\ge2$.
+    - `rank`: the number of Gaussian rank-one terms (so the CP rank is at most `rank`).
+    - `norm`: the Frobenius norm of the result (> 0).
+
+    **Returns:** a float64 array of shape `dims`.
+
+    !!! Example
+
+        ```python
+        truth = gf.random_cp_tensor(jr.key(0), (10, 10, 10, 10), rank=5)
+        float(jnp.linalg.norm(truth))  # 1.0
+        ```
     """
     check_positive("norm", norm)
     tensor = CP.gaussian(key, dims, rank, 1.0).full()
@@ -26,9 +43,26 @@ def random_cp_tensor(
 def sample_indices(
     key: PRNGKeyArray, shape: Sequence[int], num: int
 ) -> Int[Array, "num order"]:
-    """`num` distinct entries of a tensor of `shape`, uniformly without repetition."""
+    """`num` distinct entries of a tensor of `shape`, uniformly without repetition.
+
+    **Arguments:**
+
+    - `key`: a JAX PRNG key.
+    - `shape`: the tensor's shape.
+    - `num`: how many entries, an int in $[1, \\prod_n d_n]$.
+
+    **Returns:** an integer array `(num, len(shape))`, one entry's index per row, as
+    [`gradflow.Completion`][] takes them.
+
+    !!! Example
+
+        ```python
+        indices = gf.sample_indices(jr.key(1), (10, 10, 10, 10), 2000)
+        objective = gf.Completion.from_tensor(truth, indices)
+        ```
+    """
     shape = check_dims("shape", shape)
-    size = int(np.prod(shape))
+    size = math.prod(shape)
     if not isinstance(num, int) or not 1 <= num <= size:
         raise ValueError(f"`num` must be an int in [1, {size}], got {num!r}.")
     flat = jr.choice(key, size, (num,), replace=False)

@@ -7,6 +7,7 @@ $\\ell(z) = z^2/2$ (`SquaredLoss`) or the Huber loss of §3.7 (`HuberLoss`).
 """
 
 import abc
+import math
 from typing import ClassVar
 
 import equinox as eqx
@@ -132,7 +133,7 @@ class Completion(AbstractObjective):
         if not isinstance(self.loss, AbstractLoss):
             raise TypeError(f"`loss` must be a gradflow loss, got {self.loss!r}.")
         if dense is None:
-            size = int(np.prod(self.shape))
+            size = math.prod(self.shape)
             m = self.indices.shape[0]
             dense = size <= min(self.DENSE_RATIO * m, self.DENSE_MAX)
         self.dense = bool(dense)
@@ -146,7 +147,24 @@ class Completion(AbstractObjective):
     def from_tensor(
         cls, tensor: ArrayLike, indices, loss=None, dense=None
     ) -> "Completion":
-        """Observe `tensor` at `indices` (other arguments as in the constructor)."""
+        """Observe `tensor` at `indices` (other arguments as in the constructor).
+
+        **Arguments:**
+
+        - `tensor`: the (ground-truth) tensor.
+        - `indices`: integer array `(m, tensor.ndim)` of distinct entries, e.g. from
+          [`gradflow.sample_indices`][].
+        - `loss`, `dense`: as in the constructor.
+
+        **Returns:** a `Completion` with `values = tensor[indices]`.
+
+        !!! Example
+
+            ```python
+            truth = gf.random_cp_tensor(jr.key(0), (10, 10, 10), rank=3)
+            objective = gf.Completion.from_tensor(truth, gf.sample_indices(jr.key(1), truth.shape, 500))
+            ```
+        """
         tensor = jnp.asarray(tensor)
         indices = jnp.asarray(indices)
         _check_indices(tuple(tensor.shape), indices)

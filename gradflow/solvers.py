@@ -4,6 +4,7 @@ from typing import ClassVar
 
 import diffrax as dfx
 import equinox as eqx
+import equinox.internal as eqxi
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
@@ -83,8 +84,15 @@ class RosenbrockW(dfx.AbstractAdaptiveSolver):
         h = t1 - t0
         f0, jac, age = solver_state
         fresh = age >= self.refresh_every
+        # Under vmap (sweeps) `fresh` is batched and a `lax.cond` on it would become a
+        # select that linearises at every step; branch on "any member is due" instead.
         jac = lax.cond(
-            fresh, lambda: self.stiffness.linearise(y0, args), lambda: jac
+            eqxi.unvmap_any(fresh),
+            lambda: jax.tree.map(
+                lambda new, old: jnp.where(fresh, new, old) if eqx.is_array(new) else new,
+                self.stiffness.linearise(y0, args), jac,
+            ),
+            lambda: jac,
         )
         age = jnp.where(fresh, 1, age + 1)
         ks = []

@@ -70,7 +70,15 @@ class Trajectory:
         )
 
     def save(self, path) -> Path:
-        """Write to a `.npz` file (NumPy only is needed to read it back)."""
+        """Write to a `.npz` file (NumPy only is needed to read it back).
+
+        **Arguments:**
+
+        - `path`: the file to write (its folder is created); written to a temporary
+          name first and renamed, so an interrupted save leaves no partial file.
+
+        **Returns:** the path written, as a `pathlib.Path`.
+        """
         path = Path(path)
         arrays = {"ts": np.asarray(self.ts)}
         for prefix, tree in (("obs", self.observations), ("final", self.final)):
@@ -101,6 +109,20 @@ class Trajectory:
         lists of leaves). The final model is rebuilt with the structure of `like`
         (any model of the same kind and shape) or, when `like` is None, as the list
         of its weight arrays.
+
+        **Arguments:**
+
+        - `path`: a file written by [`gradflow.Trajectory.save`][].
+        - `like`: optional, a model with the structure of the saved final model.
+
+        **Returns:** a [`gradflow.Trajectory`][].
+
+        !!! Example
+
+            ```python
+            trajectory.save("runs/run.npz")
+            again = gf.Trajectory.load("runs/run.npz", like=model)
+            ```
         """
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["meta"]))

@@ -6,5 +6,20 @@ import jax.numpy as jnp
 
 
 def vector_field(t, model, objective):
-    """$-\\nabla\\phi$ at `model` (Diffrax signature `(t, y, args)`)."""
+    """$-\\nabla\\phi$ at `model`: the gradient-flow vector field (Diffrax signature `(t, y, args)`).
+
+    **Arguments:**
+
+    - `t`: the time (unused: gradient flow is autonomous).
+    - `model`: the state, a gradflow model.
+    - `objective`: the objective $\\phi$ (Diffrax's `args`).
+
+    **Returns:** a model of the same structure holding $-\\nabla\\phi$(`model`).
+
+    !!! Example
+
+        ```python
+        velocity = gf.vector_field(0.0, model, objective)  # e.g. a CP of velocities
+        ```
+    """
     return jax.tree.map(jnp.negative, eqx.filter_grad(objective)(model))

@@ -97,3 +97,29 @@ def _figure(trajectories, x, path):
     fig.suptitle("CP tensor completion under gradient flow: top-10 component norms "
                  "(top) and errors (bottom)", fontsize=10)
     plotting.save(fig, path)
+
+
+def sweep_setup(args) -> dict:
+    """This experiment's problem for `gradflow sweep`: CP init std = the sweep's scale."""
+    dims = (args.dim,) * args.order
+    k_truth, k_obs = jr.split(jr.key(args.seed), 3)[:2]
+    truth = random_cp_tensor(k_truth, dims, args.truth_rank)
+    objective = Completion.from_tensor(truth, sample_indices(k_obs, dims, args.observations))
+    truth_norm = jnp.linalg.norm(truth)
+
+    def problem(params):
+        model = CP.gaussian(jr.key(params["seed"]), dims, args.components, params["scale"])
+        return model, objective
+
+    return dict(
+        problem=problem,
+        order=args.order,
+        t1=args.t1,
+        loss_drop=args.loss_drop,
+        rtol=args.rtol,
+        save_times=np.concatenate([[0.0], np.geomspace(1e-2, args.t1, 400)]),
+        observers={
+            "component_norms": lambda t, m, o: m.component_norms(),
+            "reconstruction_error": lambda t, m, o: jnp.linalg.norm(m.full() - truth) / truth_norm,
+        },
+    )

@@ -1,0 +1,323 @@
+"""`sweep`: one compiled, vmapped gradient-flow solve over a grid of hyper-parameters.
+
+The grid's members (the cartesian product of its axes: init scale, seed, tolerance,
+...) are solved in chunks of fixed size by one compiled program; each chunk is
+written to disk as it finishes, so an interrupted sweep resumes where it stopped.
+The chunks are split across the local devices with `shard_map`, and across the
+processes of a JAX multi-process run (`jax.distributed.initialize()`).
+
+**On-disk format** (`out/`): `config.json` (the grid and the solve's settings) and one
+`chunk_NNNNN.npz` per finished chunk, readable with NumPy alone. Each chunk holds
+`members` (indices into the grid's member list), `params/NAME`, `t_final`, `status`
+(indices into `gradflow.flow.STATUSES`), `steps`, and the observers' leaves as
+`obs/NAME/i` (member × save time × ...) and `final/NAME/i` (member × ...); saves past
+a member's `t_final` are NaN. [`gradflow.SweepResult.load`][] reads a folder back.
+"""
+
+import dataclasses
+import itertools
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec
+
+from . import observers as _observers
+from ._checks import check_positive
+import diffrax as dfx
+
+from .flow import STATUSES, _diffeqsolve, _status_code, _stop_margins
+from .flow import default_save_times, default_solver
+
+OVERRIDABLE = ("rtol", "atol", "loss_tol", "loss_drop", "radius")
+"""Settings a grid axis of the same name overrides per member (traced, no recompile)."""
+
+
+@dataclasses.dataclass
+class SweepResult:
+    """The members of a sweep, stacked along a leading member axis.
+
+    **Fields:** `params` (`{name: (M,)}`), `ts` (save times, `(T,)`), `observations`
+    (`{name: (M, T, ...)}`, NaN after a member's end), `final` (`{name: (M, ...)}`),
+    `t_final`, `status` (names, see [`gradflow.Trajectory`][]), `steps`, `config`.
+    """
+
+    params: dict
+    ts: np.ndarray
+    observations: dict
+    final: dict
+    t_final: np.ndarray
+    status: np.ndarray
+    steps: np.ndarray
+    config: dict
+
+    def __len__(self) -> int:
+        return len(self.t_final)
+
+    @property
+    def ok(self) -> np.ndarray:
+        """Per member: True when a stop condition ended its solve."""
+        return np.isin(self.status, STATUSES[:3])
+
+    @classmethod
+    def load(cls, out) -> "SweepResult":
+        """Read the finished chunks of the sweep in folder `out` (members in grid order)."""
+        out = Path(out)
+        config = json.loads((out / "config.json").read_text())
+        chunks = [_read_chunk(p) for p in sorted(out.glob("chunk_*.npz"))]
+        if not chunks:
+            raise ValueError(f"`out`: no finished chunks in {out}.")
+        return _merge(chunks, config)
+
+
+def sweep(
+    problem: Callable,
+    grid: dict,
+    *,
+    t1: float,
+    loss_tol: float | None = None,
+    loss_drop: float | None = None,
+    radius: float | None = None,
+    save_times=None,
+    observers=None,
+    solver=None,
+    rtol: float = 1e-8,
+    atol: float | None = None,
+    max_steps: int = 100_000,
+    out=None,
+    chunk_size: int = 8,
+    order_by: str | None = None,
+    tag: dict | None = None,
+    progress: bool = False,
+) -> SweepResult:
+    """Gradient flow of every member of a grid, compiled once.
+
+    **Arguments:**
+
+    - `problem`: `params -> (model, objective)`, where `params` maps each grid axis
+      to a scalar JAX array (traced: write it with `jax.random.key(params["seed"])`,
+      `std=params["scale"]`, ... and no Python control flow on the values).
+    - `grid`: `{name: 1-d values}`; the members are the cartesian product, in order.
+      An axis named like one of `OVERRIDABLE` sets that solve setting per member.
+    - `t1`, `loss_tol`, `radius`, `save_times`, `observers`, `solver`, `rtol`, `atol`,
+      `max_steps`: as in [`gradflow.flow`][], shared by all members.
+    - `loss_drop`: stop when the loss falls below this times the member's initial loss
+      (instead of an absolute `loss_tol`).
+    - `out`: a folder to write each finished chunk to, and to resume from. Re-using
+      it with a different configuration is an error.
+    - `chunk_size`: members solved together (rounded up to a multiple of the number
+      of local devices). A vmapped adaptive solve runs until its slowest member
+      finishes, so chunks should hold members of similar cost: see `order_by`.
+    - `order_by`: a grid axis; members are chunked in increasing order of it (e.g.
+      `"scale"`, whose escape times grow as it shrinks).
+    - `tag`: anything JSON-able identifying the problem (written to `config.json` and
+      compared on resume, since a Python function cannot be compared).
+    - `progress`: a progress bar over chunks.
+
+    **Returns:** a [`gradflow.SweepResult`][] of every finished member (all of them,
+    unless another process of a multi-process run holds some).
+    """
+    names, values = _check_grid(grid)
+    check_positive("t1", t1)
+    if loss_tol is not None and loss_drop is not None:
+        raise ValueError("Give at most one of `loss_tol` and `loss_drop`.")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be a positive int, got {chunk_size!r}.")
+    if order_by is not None and order_by not in names:
+        raise ValueError(f"`order_by` must be a grid axis {names}, got {order_by!r}.")
+    save_times = np.asarray(default_save_times(t1) if save_times is None else save_times, float)
+    observers = _observers.resolve(observers)
+    members = np.array(list(itertools.product(*values)), dtype=float).reshape(-1, len(names))
+    order = np.arange(len(members))
+    if order_by is not None:
+        order = np.argsort(members[:, names.index(order_by)], kind="stable")
+    devices = jax.local_devices()
+    chunk_size = -(-chunk_size // len(devices)) * len(devices)
+    settings = dict(t1=float(t1), loss_tol=loss_tol, loss_drop=loss_drop, radius=radius,
+                    rtol=float(rtol), atol=atol, max_steps=int(max_steps))
+    config = dict(grid={n: np.asarray(v).tolist() for n, v in zip(names, values)},
+                  save_times=save_times.tolist(), observers=sorted(observers),
+                  solver=repr(solver), chunk_size=chunk_size, order_by=order_by,
+                  tag=tag, **settings)
+    out = None if out is None else _claim(Path(out), config)
+    dtypes = {n: np.asarray(v).dtype for n, v in zip(names, values)}
+    mesh = Mesh(np.asarray(devices), ("members",)) if len(devices) > 1 else None
+    run_chunk = lambda params, ts: _run_chunk(
+        params, ts, problem=problem, settings=tuple(settings.items()), solver=solver,
+        observers=observers, mesh=mesh)
+    chunks = [order[i:i + chunk_size] for i in range(0, len(order), chunk_size)]
+    mine = range(jax.process_index(), len(chunks), jax.process_count())
+    results = []
+    bar = _bar(len(mine), progress)
+    for k in mine:
+        path = None if out is None else out / f"chunk_{k:05d}.npz"
+        if path is not None and path.exists():
+            results.append(_read_chunk(path))
+        else:
+            idx = np.resize(chunks[k], chunk_size)  # pad by repeating members
+            params = {n: jnp.asarray(members[idx, j].astype(dtypes[n]))
+                      for j, n in enumerate(names)}
+            raw = jax.device_get(run_chunk(params, jnp.asarray(save_times)))
+            chunk = _unpad(raw, chunks[k], params, save_times)
+            if path is not None:
+                _write_chunk(path, chunk)
+            results.append(chunk)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return _merge(results, config)
+
+
+def _check_grid(grid):
+    if not isinstance(grid, dict) or not grid:
+        raise ValueError("`grid` must be a non-empty dict {name: 1-d values}.")
+    names, values = list(grid), []
+    for name, v in grid.items():
+        v = np.asarray(v)
+        if v.ndim != 1 or v.size < 1 or not np.issubdtype(v.dtype, np.number):
+            raise ValueError(f"`grid[{name!r}]` must be a non-empty 1-d numeric array.")
+        if not np.all(np.isfinite(v)):
+            raise ValueError(f"`grid[{name!r}]` has non-finite values.")
+        values.append(v)
+    return names, values
+
+
+def _claim(out: Path, config: dict) -> Path:
+    """Create `out`, or check that it holds a sweep of the same configuration."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "config.json"
+    text = json.dumps(config, indent=1, sort_keys=True, default=str)
+    if path.exists():
+        if json.loads(path.read_text()) != json.loads(text):
+            raise ValueError(
+                f"`out`: {out} holds a sweep with a different configuration; use another "
+                "folder, or delete it to start over.")
+    elif jax.process_index() == 0:
+        tmp = path.with_name("config.json.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return out
+
+
+def _member(params, save_ts, problem, settings, solver, observers):
+    """One member's solve: observers at `save_ts`, final observations, end time, status."""
+    model, objective = problem(params)
+    get = lambda key: params.get(key, settings[key])
+    loss_tol, radius = get("loss_tol"), get("radius")
+    if get("loss_drop") is not None:
+        loss_tol = get("loss_drop") * objective(model)
+    stops = tuple(n for n, v in (("loss", loss_tol), ("radius", radius)) if v is not None)
+    flat = jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(model)])
+    dtype = flat.dtype
+    rtol = jnp.asarray(get("rtol"), dtype)
+    atol = get("atol")
+    atol = rtol * jnp.sqrt(jnp.mean(flat**2)) if atol is None else jnp.asarray(atol, dtype)
+    as_time = lambda x: jnp.asarray(0.0 if x is None else x, dtype)
+    sol = _diffeqsolve(
+        model, objective, as_time(settings["t1"]), as_time(loss_tol), as_time(radius),
+        rtol, atol, solver=default_solver(model) if solver is None else solver,
+        stops=stops, saveat=_observing_saveat(save_ts.astype(dtype), observers),
+        max_steps=settings["max_steps"], adjoint=None, progress=None,
+    )
+    saved, final, final_model = sol.ys
+    final = jax.tree.map(lambda x: x[0], final)
+    final_model = jax.tree.map(lambda x: x[0], final_model)
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(final)]))
+    margins = _stop_margins(final_model, objective, loss_tol, radius, stops)
+    return dict(obs=saved, final=final, t_final=sol.ts[1][0],
+                status=_status_code(sol.result, margins, finite), steps=sol.stats["num_steps"])
+
+
+@eqx.filter_jit
+def _run_chunk(params, save_ts, *, problem, settings, solver, observers, mesh):
+    """A chunk's members, vmapped (and split across `mesh`'s devices); compiled once per
+    problem, settings and chunk shape, whatever the parameter values."""
+    batched = jax.vmap(
+        lambda p, ts: _member(p, ts, problem, dict(settings), solver, observers),
+        in_axes=(0, None))
+    if mesh is not None:
+        batched = jax.shard_map(batched, mesh=mesh, check_vma=False,
+                                in_specs=(PartitionSpec("members"), PartitionSpec()),
+                                out_specs=PartitionSpec("members"))
+    return batched(params, save_ts)
+
+
+def _observing_saveat(save_ts, observers) -> dfx.SaveAt:
+    """Observers at `save_ts` and at the end, and the final model."""
+    observe = lambda t, y, args: {name: fn(t, y, args) for name, fn in observers.items()}
+    return dfx.SaveAt(subs=[dfx.SubSaveAt(ts=save_ts, fn=observe),
+                            dfx.SubSaveAt(t1=True, fn=observe), dfx.SubSaveAt(t1=True)])
+
+
+_SCALARS = ("members", "t_final", "status", "steps")
+
+
+def _unpad(raw, members, params, save_times) -> dict:
+    """The chunk's real members, as flat arrays; saves after a member's end become NaN."""
+    n = len(members)
+    t_final = np.asarray(raw["t_final"])[:n]
+    after = save_times[None, :] > t_final[:, None]
+    hide = lambda x: np.where(after.reshape(after.shape + (1,) * (x.ndim - 2)), np.nan, x)
+    leaves = lambda tree, f: {k: [f(np.asarray(x)[:n]) for x in jax.tree.leaves(v)]
+                              for k, v in tree.items()}
+    return dict(members=np.asarray(members), t_final=t_final,
+                status=np.asarray(raw["status"])[:n], steps=np.asarray(raw["steps"])[:n],
+                params={k: np.asarray(v)[:n] for k, v in params.items()},
+                obs=leaves(raw["obs"], hide), final=leaves(raw["final"], lambda x: x))
+
+
+def _write_chunk(path: Path, chunk: dict) -> None:
+    arrays = {k: chunk[k] for k in _SCALARS}
+    arrays |= {f"params/{k}": v for k, v in chunk["params"].items()}
+    for prefix in ("obs", "final"):
+        for name, leaves in chunk[prefix].items():
+            arrays |= {f"{prefix}/{name}/{i}": leaf for i, leaf in enumerate(leaves)}
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)  # atomic: a chunk file is complete or absent
+
+
+def _read_chunk(path: Path) -> dict:
+    with np.load(path) as data:
+        chunk = {k: data[k] for k in _SCALARS}
+        chunk["params"] = {k.split("/")[1]: data[k] for k in data.files
+                           if k.startswith("params/")}
+        for prefix in ("obs", "final"):
+            keys = sorted((k for k in data.files if k.startswith(prefix + "/")),
+                          key=lambda k: int(k.rsplit("/", 1)[1]))
+            chunk[prefix] = {}
+            for key in keys:
+                chunk[prefix].setdefault(key.split("/")[1], []).append(data[key])
+    return chunk
+
+
+def _merge(chunks, config) -> SweepResult:
+    """Stack chunks into one result, members in grid order."""
+    members = np.concatenate([c["members"] for c in chunks])
+    order = np.argsort(members)
+    cat = lambda arrays: np.concatenate(arrays)[order]
+    group = lambda prefix: {name: cat([c[prefix][name] for c in chunks])
+                            for name in chunks[0][prefix]}
+    tree = lambda prefix: {
+        name: [cat([c[prefix][name][i] for c in chunks]) for i in range(len(leaves))]
+        for name, leaves in chunks[0][prefix].items()}
+    single = lambda d: {k: v[0] if len(v) == 1 else v for k, v in d.items()}
+    return SweepResult(
+        params=group("params"), ts=np.asarray(config["save_times"]),
+        observations=single(tree("obs")), final=single(tree("final")),
+        t_final=cat([c["t_final"] for c in chunks]),
+        status=np.asarray(STATUSES)[cat([c["status"] for c in chunks])],
+        steps=cat([c["steps"] for c in chunks]), config=config)
+
+
+def _bar(total: int, progress: bool):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="sweep chunks", unit="chunk")

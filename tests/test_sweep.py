@@ -1,0 +1,136 @@
+"""Sweeps: compiled once, equal to one-by-one flows, resumable, sharded, multi-process."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+import gradflow as gf
+from gradflow.cli import main
+
+sys.path.insert(0, str(Path(__file__).parent))
+import sweep_job  # noqa: E402
+
+JOB = Path(__file__).parent / "sweep_job.py"
+
+
+def _spawn(out, mode, env=None):
+    return subprocess.Popen([sys.executable, str(JOB), str(out), mode], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _same(a, b):
+    assert list(a.status) == list(b.status)
+    np.testing.assert_array_equal(a.steps, b.steps)
+    np.testing.assert_allclose(a.t_final, b.t_final, rtol=1e-12)
+    np.testing.assert_allclose(a.observations["component_norms"],
+                               b.observations["component_norms"], rtol=1e-10, atol=1e-14)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return sweep_job.run(tmp_path_factory.mktemp("reference"))
+
+
+def test_compiled_once_and_equal_to_single_flows(reference):
+    traces = []
+
+    def counting(params):
+        traces.append(1)
+        return sweep_job.problem(params)
+
+    grid_a = {"scale": [0.3, 0.1], "seed": [0, 1]}
+    grid_b = {"scale": [0.2, 0.05], "seed": [2, 3]}  # same shape, other values
+    for grid in (grid_a, grid_b):
+        gf.sweep(counting, grid, t1=1e9, loss_drop=1e-3, save_times=sweep_job.SAVE_TIMES,
+                 observers=["component_norms"], chunk_size=2)
+    assert len(traces) == 1  # one trace for both grids and all their chunks
+    assert reference.ok.all() and len(reference) == 6
+    for i in (0, 5):
+        params = {k: jnp.asarray(v[i]) for k, v in reference.params.items()}
+        model, objective = sweep_job.problem(params)
+        tr = gf.flow(model, objective, t1=1e9, loss_tol=1e-3 * float(objective(model)),
+                     save_times=sweep_job.SAVE_TIMES, observers=["component_norms"])
+        assert tr.stats["steps"] == reference.steps[i]
+        assert tr.t_final == pytest.approx(reference.t_final[i], rel=1e-12)
+        n = len(tr.ts) - 1  # the saves before the end
+        np.testing.assert_allclose(reference.observations["component_norms"][i, :n],
+                                   tr["component_norms"][:n], rtol=1e-10, atol=1e-14)
+        assert np.isnan(reference.observations["component_norms"][i, n:]).all()
+
+
+def test_resume_after_sigkill(tmp_path, reference):
+    proc = _spawn(tmp_path, "slow")
+    deadline = time.time() + 300
+    while not list(tmp_path.glob("chunk_*.npz")) and time.time() < deadline:
+        time.sleep(0.2)
+        assert proc.poll() is None, proc.stdout.read()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = sorted(p.name for p in tmp_path.glob("chunk_*.npz"))
+    assert 1 <= len(finished) < 3
+    before = {p: (tmp_path / p).stat().st_mtime_ns for p in finished}
+    resumed = sweep_job.run(tmp_path)
+    assert {p: (tmp_path / p).stat().st_mtime_ns for p in finished} == before  # not redone
+    assert len(list(tmp_path.glob("chunk_*.npz"))) == 3
+    assert not list(tmp_path.glob("*.tmp*"))
+    _same(resumed, reference)
+    _same(gf.SweepResult.load(tmp_path), reference)
+
+
+def test_conflicting_output_folder_is_refused(tmp_path):
+    sweep_job.run(tmp_path)
+    with pytest.raises(ValueError, match="different configuration"):
+        gf.sweep(sweep_job.problem, {"scale": [0.3], "seed": [0]}, t1=1e9, out=tmp_path)
+
+
+def test_four_host_devices_give_the_same_results(tmp_path, reference):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    proc = _spawn(tmp_path, "fast", env)
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, output
+    assert "devices 4 members 6" in output
+    _same(gf.SweepResult.load(tmp_path), reference)
+
+
+def test_two_processes_split_the_sweep(tmp_path, reference):
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = [_spawn(tmp_path, f"process{i}of2:{port}") for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    assert len(list(tmp_path.glob("chunk_*.npz"))) == 3
+    _same(gf.SweepResult.load(tmp_path), reference)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="grid"):
+        gf.sweep(sweep_job.problem, {}, t1=1.0)
+    with pytest.raises(ValueError, match=r"grid\['scale'\]"):
+        gf.sweep(sweep_job.problem, {"scale": [0.1, np.nan]}, t1=1.0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        gf.sweep(sweep_job.problem, {"scale": [0.1]}, t1=1.0, chunk_size=0)
+    with pytest.raises(ValueError, match="order_by"):
+        gf.sweep(sweep_job.problem, {"scale": [0.1]}, t1=1.0, order_by="std")
+
+
+def test_cli_sweep_plot_and_escape_law(tmp_path):
+    argv = ["sweep", "tf-incremental", "--order", "3", "--dim", "4", "--truth-rank", "2",
+            "--observations", "40", "--components", "8", "--scales", "1e-1:1e-2:3",
+            "--seeds", "2", "--out", str(tmp_path), "--quiet"]
+    assert main(argv) == 0
+    summary = __import__("json").loads((tmp_path / "summary.json").read_text())
+    assert [r["members"] for r in summary["per_scale"]] == [2, 2, 2]
+    # THEORY §5.4: escape time ~ scale^-(N-2) = scale^-1 for N = 3
+    assert abs(summary["escape_time_slope"] + 1) < 0.35
+    assert (tmp_path / "sweep-tf-incremental.png").stat().st_size > 10_000
+    assert main(argv) == 0  # re-running resumes: nothing left to solve
