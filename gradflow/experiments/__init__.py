@@ -1,23 +1,22 @@
 """The papers' experiments as named, runnable recipes (`gradflow run NAME`)."""
 
-import importlib
-
-_MODULES = (
-    "tf_incremental",
-    "mf_incremental",
-    "rc_norms",
-    "htf_incremental",
-    "compare_factorizations",
-    "gd_vs_flow",
-    "rank_one_trajectory",
-    "tensor_rank_complexity",
+from . import (
+    gd_vs_flow,
+    mf_incremental,
+    rank_one_trajectory,
+    rc_norms,
+    tensor_rank_complexity,
+    tf_incremental,
 )
-EXPERIMENTS = {}
-for _name in _MODULES:
-    try:
-        _module = importlib.import_module(f"{__name__}.{_name}")
-    except ModuleNotFoundError as _error:  # not written yet
-        if _error.name != f"{__name__}.{_name}":
-            raise
-        continue
-    EXPERIMENTS[_module.NAME] = _module
+
+EXPERIMENTS = {
+    m.NAME: m
+    for m in (
+        tf_incremental,
+        mf_incremental,
+        rc_norms,
+        gd_vs_flow,
+        rank_one_trajectory,
+        tensor_rank_complexity,
+    )
+}
