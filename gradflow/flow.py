@@ -321,21 +321,19 @@ def _final_state(model, objective, t1, loss_tol, radius, rtol, atol, *,
 @eqx.filter_jit
 def _solve(model, objective, t1, save_ts, loss_tol, radius, rtol, atol, *,
            solver, observers, stops, max_steps, progress):
-    def observe(t, y, args):
-        return {name: fn(t, y, args) for name, fn in observers.items()}
-
-    saveat = dfx.SaveAt(
-        subs=[
-            dfx.SubSaveAt(ts=save_ts, fn=observe),
-            dfx.SubSaveAt(t1=True, fn=observe),
-            dfx.SubSaveAt(t1=True),
-        ]
-    )
     sol = _diffeqsolve(
         model, objective, t1, loss_tol, radius, rtol, atol, solver=solver, stops=stops,
-        saveat=saveat, max_steps=max_steps, adjoint=None, progress=progress,
+        saveat=_observing_saveat(save_ts, observers), max_steps=max_steps, adjoint=None,
+        progress=progress,
     )
     return sol.ys, sol.ts, sol.result, sol.stats
+
+
+def _observing_saveat(save_ts, observers) -> dfx.SaveAt:
+    """Observers at `save_ts` and at the end, and the final model."""
+    observe = lambda t, y, args: {name: fn(t, y, args) for name, fn in observers.items()}
+    return dfx.SaveAt(subs=[dfx.SubSaveAt(ts=save_ts, fn=observe),
+                            dfx.SubSaveAt(t1=True, fn=observe), dfx.SubSaveAt(t1=True)])
 
 
 def _diffeqsolve(model, objective, t1, loss_tol, radius, rtol, atol, *,

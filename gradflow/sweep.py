@@ -28,10 +28,8 @@ from jax.sharding import Mesh, PartitionSpec
 
 from . import observers as _observers
 from ._checks import check_positive
-import diffrax as dfx
-
-from .flow import STATUSES, _diffeqsolve, _status_code, _stop_margins
-from .flow import default_save_times, default_solver
+from .flow import (STATUSES, _diffeqsolve, _observing_saveat, _status_code, _stop_margins,
+                   default_save_times, default_solver)
 
 OVERRIDABLE = ("rtol", "atol", "loss_tol", "loss_drop", "radius")
 """Settings a grid axis of the same name overrides per member (traced, no recompile)."""
@@ -245,13 +243,6 @@ def _run_chunk(params, save_ts, *, problem, settings, solver, observers, mesh):
                                 in_specs=(PartitionSpec("members"), PartitionSpec()),
                                 out_specs=PartitionSpec("members"))
     return batched(params, save_ts)
-
-
-def _observing_saveat(save_ts, observers) -> dfx.SaveAt:
-    """Observers at `save_ts` and at the end, and the final model."""
-    observe = lambda t, y, args: {name: fn(t, y, args) for name, fn in observers.items()}
-    return dfx.SaveAt(subs=[dfx.SubSaveAt(ts=save_ts, fn=observe),
-                            dfx.SubSaveAt(t1=True, fn=observe), dfx.SubSaveAt(t1=True)])
 
 
 _SCALARS = ("members", "t_final", "status", "steps")

@@ -1,7 +1,9 @@
 """The papers' experiments as named, runnable recipes (`gradflow run NAME`)."""
 
 from . import (
+    compare_factorizations,
     gd_vs_flow,
+    htf_incremental,
     mf_incremental,
     rank_one_trajectory,
     rc_norms,
@@ -15,6 +17,8 @@ EXPERIMENTS = {
         tf_incremental,
         mf_incremental,
         rc_norms,
+        htf_incremental,
+        compare_factorizations,
         gd_vs_flow,
         rank_one_trajectory,
         tensor_rank_complexity,

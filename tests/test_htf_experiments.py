@@ -1,0 +1,81 @@
+"""The HTF experiments (`htf-incremental`, `compare-factorizations`) end to end, at tiny size."""
+
+import json
+
+import numpy as np
+
+import gradflow as gf
+from gradflow.cli import main
+
+TINY_HTF = ["--dim", "3", "--truth-ranks", "2", "2", "--truth-norm", "9", "--observations",
+            "60", "--widths", "6", "6", "--saves", "400", "--quiet"]
+NODES = ["{0}", "{1}", "{2}", "{3}", "{0,1}", "{2,3}"]
+
+
+def test_htf_incremental_learns_low_hierarchical_rank(tmp_path):  # §4.2–§4.5
+    argv = ["run", "htf-incremental", "--stds", "0.1", "0.03", *TINY_HTF, "--out", str(tmp_path)]
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["experiment"] == "htf-incremental"
+    assert summary["widths"] == {"{0,1}": 6, "{2,3}": 6, "{0,1,2,3}": 6}
+    truth = {k: v["rank"] for k, v in summary["truth_hierarchical_ranks"].items()}
+    assert truth == dict.fromkeys(NODES, 2)
+    for std in ("0.1", "0.03"):
+        r = summary["results"][std]
+        assert r["status"] == "loss" and abs(r["final_loss"] / 2.5e-5 - 1) < 1e-6
+        assert r["relative_reconstruction_error"] < 0.02
+        ranks = {k: v["rank"] for k, v in r["hierarchical_ranks"].items()}
+        assert all(ranks[k] <= 3 for k in NODES[:4])  # leaves: <= min(dim, width)
+        assert all(ranks[k] <= 6 for k in NODES[4:])  # <= the widths
+        assert r["rank_within_local_component_bound"]
+        # every local component is recorded, not a re-sorted top-k
+        assert r["local_components_recorded"] == {"{0,1}": 6, "{2,3}": 6, "{0,1,2,3}": 6}
+        assert r["identity_residual_max"] < 1e-10  # §4.5's exact identity, any init
+        assert r["corollary_residual_max"] > 1e-3  # the balanced law needs a balanced init
+        assert r["t_escape"] > 0 and r["saves"] > 100
+    small = summary["results"]["0.03"]
+    # at the smaller init the solution has the truth's hierarchical rank, and only as
+    # many root components as the truth's root width leave zero
+    assert {k: v["rank"] for k, v in small["hierarchical_ranks"].items()} == truth
+    assert small["local_components_above_1pct"]["{0,1,2,3}"] == 2
+    assert small["t_escape"] > summary["results"]["0.1"]["t_escape"] * 10
+
+    tr = gf.Trajectory.load(tmp_path / "trajectory_std0.03.npz")
+    norms = np.asarray(tr["component_norms"])
+    assert norms.shape == (small["saves"], 18) and np.all(np.isfinite(norms))
+    assert np.all(np.diff(tr.ts) > 0) and tr.ts[-1] == tr.t_final
+    assert tr.ts[0] == 0 and np.any(np.isclose(tr.ts, small["t_escape"], rtol=1e-12))
+    # the learning phase after the plateau is finely saved
+    assert np.sum(tr.ts > small["t_escape"]) > 100
+    assert (tmp_path / "htf-incremental.png").stat().st_size > 10_000
+
+
+def test_htf_incremental_balanced_init_follows_the_law_exactly(tmp_path):  # §4.5 corollary
+    argv = ["run", "htf-incremental", "--init", "balanced", "--stds", "0.1", "--escape", "0",
+            *TINY_HTF, "--out", str(tmp_path)]
+    assert main(argv) == 0
+    r = json.loads((tmp_path / "summary.json").read_text())["results"]["0.1"]
+    assert r["status"] == "loss" and r["t_escape"] == 0
+    assert r["unbalancedness_at_init"] < 1e-15
+    assert r["corollary_residual_max"] < 1e-9 and r["identity_residual_max"] < 1e-10
+
+
+def test_compare_factorizations_one_figure_three_models(tmp_path):
+    argv = ["run", "compare-factorizations", "--matrix-dim", "8", "--dim", "3",
+            "--truth-rank", "2", "--truth-norm", "8", "--observations", "48",
+            "--cp-components", "10", "--htf-widths", "6", "6", "--htf-std", "0.1",
+            "--escape", "0",
+            "--saves", "300", "--out", str(tmp_path), "--quiet"]
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "summary.json").read_text())["results"]
+    assert list(results) == ["mf", "cp", "htf"]
+    recorded = {"mf": 8, "cp": 10, "htf": 18}
+    for name, r in results.items():
+        assert r["status"] == "loss", name
+        assert r["components_recorded"] == recorded[name]
+        tr = gf.Trajectory.load(tmp_path / f"trajectory_{name}.npz")
+        assert np.asarray(tr["component_norms"]).shape == (r["saves"], recorded[name])
+    assert results["mf"]["rank"] == 2 and results["cp"]["rank"] == 2
+    assert results["htf"]["rank"] == [2, 2]
+    assert results["mf"]["shape"] == [8, 8] and results["htf"]["shape"] == [3, 3, 3, 3]
+    assert (tmp_path / "compare-factorizations.png").stat().st_size > 10_000
