@@ -24,6 +24,7 @@ from .flow import FinalState as FinalState
 from .flow import flow as flow
 from .flow import FlowError as FlowError
 from .flow import vector_field as vector_field
+from .vector_field import rate_along_flow as rate_along_flow
 from .models import AbstractAdditiveFactorization as AbstractAdditiveFactorization
 from .models import AbstractFactorization as AbstractFactorization
 from .models import CP as CP

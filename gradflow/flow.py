@@ -31,7 +31,18 @@ from .vector_field import vector_field
 
 
 class FlowError(RuntimeError):
-    """A solve that did not finish. `error.trajectory` holds what was computed."""
+    """A solve that did not finish: raised by [`gradflow.flow`][] (with `throw=True`,
+    its default) when it hits `max_steps`, becomes non-finite or its step size
+    underflows.
+
+    **Arguments:**
+
+    - `trajectory`: the partial [`gradflow.Trajectory`][], up to where the solve
+      stopped; its `status` and `reason` say why.
+
+    **Attributes:** `trajectory`, the same partial trajectory, so that the work done
+    is not lost (`except gf.FlowError as error: error.trajectory`).
+    """
 
     def __init__(self, trajectory: Trajectory):
         self.trajectory = trajectory
@@ -44,14 +55,33 @@ class FlowError(RuntimeError):
 
 
 def default_solver(model: AbstractFactorization) -> dfx.AbstractSolver:
-    """`RosenbrockW()` for additive models (CP), else Diffrax's `Tsit5()`."""
+    """The solver [`gradflow.flow`][] uses when none is given.
+
+    **Arguments:**
+
+    - `model`: the initial factorization.
+
+    **Returns:** `RosenbrockW()` ([`gradflow.RosenbrockW`][]) for additive models
+    (CP), whose cost stays nearly flat as the init scale shrinks; Diffrax's `Tsit5()`
+    for the others (deep matrix, HTF).
+    """
     if isinstance(model, AbstractAdditiveFactorization):
         return RosenbrockW()
     return dfx.Tsit5()
 
 
 def default_save_times(t1: float, num: int = 256) -> np.ndarray:
-    """0 followed by a geometric grid from `t1`·1e-8 to `t1`."""
+    """The save times [`gradflow.flow`][] uses when none are given.
+
+    **Arguments:**
+
+    - `t1`: the final time (> 0).
+    - `num`: how many save times.
+
+    **Returns:** a NumPy array of `num` times: 0, then `num - 1` geometrically spaced
+    times from `t1`·1e-8 to `t1` (the escapes from a small init happen on a
+    logarithmic time scale).
+    """
     return np.concatenate([[0.0], np.geomspace(t1 * 1e-8, t1, num - 1)])
 
 
@@ -83,7 +113,8 @@ def flow(
     - `objective`: a `Completion` or `Sensing` objective of the same shape.
     - `t1`: final physical time (> 0).
     - `loss_tol`: stop when the loss drops below this value.
-    - `radius`: stop when $\\|\\mathcal W\\| = $ `radius` is reached.
+    - `radius`: stop when the Frobenius norm $\\|\\mathcal W\\|$ of the end tensor
+      reaches `radius` (Theorem 2's reference sphere).
     - `save_times`: physical times at which observers are recorded; by default 0 and
       a geometric grid up to `t1` ([`gradflow.default_save_times`][]). The state
       where the solve ended is always appended as the last save.

@@ -11,8 +11,10 @@ import math
 from typing import ClassVar
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, ArrayLike, Float, Int
 
 from ._checks import check_dims, check_finite, check_positive, concrete
@@ -67,6 +69,12 @@ class AbstractObjective(eqx.Module):
     @abc.abstractmethod
     def predict(self, model: AbstractFactorization) -> Float[Array, " m"]:
         """The model's observed values (linear in the end tensor)."""
+
+    def prediction_jacobian(self, model: AbstractFactorization) -> Float[Array, "m weights"]:
+        """Jacobian of `predict(model)` in the model's weights, flattened in
+        `jax.flatten_util.ravel_pytree` order."""
+        flat, unravel = ravel_pytree(model)
+        return jax.jacfwd(lambda v: self.predict(unravel(v)))(flat)
 
     @property
     def num_observations(self) -> int:
@@ -142,6 +150,9 @@ class Completion(AbstractObjective):
         if self.dense:
             return model.full()[tuple(self.indices.T)]
         return model.entries(self.indices)
+
+    def prediction_jacobian(self, model):
+        return model.entries_jacobian(self.indices)
 
     @classmethod
     def from_tensor(

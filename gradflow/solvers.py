@@ -55,7 +55,7 @@ class RosenbrockW(dfx.AbstractAdaptiveSolver):
     """ROS34PW2, a third-order Rosenbrock-W method, for gradient flow.
 
     Each step solves four linear systems $(I - h\\gamma W)k_i = \\dots$ with the
-    approximate Jacobian $W$ from `stiffness` (the exact Hessian on the largest
+    approximate Jacobian $W$ from `stiffness` (the Gauss–Newton matrix on the largest
     components by default), and uses four gradient evaluations. The vector field must
     be autonomous and the state a factorized model (`args` is the objective).
 
@@ -95,6 +95,7 @@ class RosenbrockW(dfx.AbstractAdaptiveSolver):
             lambda: jac,
         )
         age = jnp.where(fresh, 1, age + 1)
+        solve = jac.shifted(h * _GAMMA)
         ks = []
         for i in range(4):
             if i == 0:
@@ -106,7 +107,7 @@ class RosenbrockW(dfx.AbstractAdaptiveSolver):
             if coupled is not None:
                 w = jac.matvec(coupled)
                 rhs = jax.tree.map(lambda r, x: r + h * x, rhs, w)
-            ks.append(jac.solve(h * _GAMMA, rhs))
+            ks.append(solve(rhs))
         y1 = _combine(_B, ks, y0)
         y_error = _combine(_B - _B_EMBEDDED, ks)
         f1 = terms.vf(t1, y1, args)

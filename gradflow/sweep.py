@@ -9,7 +9,7 @@ processes of a JAX multi-process run (`jax.distributed.initialize()`).
 **On-disk format** (`out/`): `config.json` (the grid and the solve's settings) and one
 `chunk_NNNNN.npz` per finished chunk, readable with NumPy alone. Each chunk holds
 `members` (indices into the grid's member list), `params/NAME`, `t_final`, `status`
-(indices into `gradflow.flow.STATUSES`), `steps`, and the observers' leaves as
+(indices into `gradflow.FinalState.STATUSES`), `steps`, and the observers' leaves as
 `obs/NAME/i` (member × save time × ...) and `final/NAME/i` (member × ...); saves past
 a member's `t_final` are NaN. [`gradflow.SweepResult.load`][] reads a folder back.
 """

@@ -23,3 +23,18 @@ def vector_field(t, model, objective):
         ```
     """
     return jax.tree.map(jnp.negative, eqx.filter_grad(objective)(model))
+
+
+def rate_along_flow(quantity, model, objective):
+    """$\\frac{d}{dt}$`quantity(model)` under gradient flow: the chain rule, a JVP of
+    `quantity` along $-\\nabla\\phi$ (exact, no finite differences).
+
+    **Arguments:**
+
+    - `quantity`: a function of the model (component norms, the end tensor, ...).
+    - `model`, `objective`: the state and the objective $\\phi$.
+
+    **Returns:** the time derivative, shaped like `quantity(model)`.
+    """
+    velocity = vector_field(0.0, model, objective)
+    return jax.jvp(quantity, (model,), (velocity,))[1]

@@ -2,6 +2,7 @@
 
 import diffrax as dfx
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
@@ -138,7 +139,9 @@ def test_failed_solve_says_so():
     assert tr.status == "max_steps" and "FAILED" in tr.reason
 
 
-@pytest.mark.parametrize("stiffness", [gf.Explicit(), gf.LargestComponents(3), gf.DenseHessian()])
+@pytest.mark.parametrize("stiffness", [gf.Explicit(), gf.LargestComponents(3),
+                                       gf.LargestComponents(3, hessian="exact"),
+                                       gf.DenseHessian()])
 def test_rosenbrock_w_is_third_order(stiffness):
     model, objective = small_problem(seed=3, rank=4, scale=0.6)
     term = dfx.ODETerm(gf.vector_field)
@@ -153,6 +156,38 @@ def test_rosenbrock_w_is_third_order(stiffness):
         errors.append(max(jax.tree.leaves(diff)))
     orders = np.log2(np.array(errors[:-1]) / np.array(errors[1:]))
     assert np.all((orders > 2.7) & (orders < 3.5)), orders
+
+
+def _block(stiffness, model, objective):
+    """The block matrix -W a `LargestComponents` stiffness builds (negative curvature
+    clipped), column by column through `matvec`."""
+    lin = stiffness.linearise(model, objective)
+    sub = model.take(lin.components)
+    flat, unravel = jax.flatten_util.ravel_pytree(sub)
+    column = lambda e: -lin._gather(lin.matvec(model.put(lin.components, unravel(e))))
+    return jax.vmap(column, out_axes=1)(jnp.eye(flat.size))
+
+
+@pytest.mark.parametrize("loss", [gf.SquaredLoss(), gf.HuberLoss(0.3)])
+def test_gauss_newton_block_is_the_hessian_at_an_exact_fit(loss):
+    # At zero residual the exact Hessian of the restricted loss is J^T (d2 loss) J, the
+    # Gauss-Newton matrix; elsewhere they differ by the residual-weighted curvature.
+    model, _ = small_problem(seed=5, rank=5, scale=0.7)
+    indices = gf.sample_indices(jr.key(9), model.shape, 30)
+    fit = gf.Completion(model.shape, indices, model.full()[tuple(indices.T)], loss)
+    gn, exact = gf.LargestComponents(3), gf.LargestComponents(3, hessian="exact")
+    scale = jnp.max(jnp.abs(_block(exact, model, fit)))
+    np.testing.assert_allclose(_block(gn, model, fit), _block(exact, model, fit),
+                               atol=1e-12 * scale)
+    off = gf.Completion(model.shape, indices, fit.values + 0.5, loss)
+    gap = jnp.max(jnp.abs(_block(gn, model, off) - _block(exact, model, off)))
+    assert gap > 1e-3 * scale
+    assert jnp.all(jnp.linalg.eigvalsh(_block(gn, model, off)) > -1e-12 * scale)  # PSD
+
+
+def test_largest_components_rejects_unknown_hessian():
+    with pytest.raises(ValueError, match="`hessian` must be"):
+        gf.LargestComponents(3, hessian="newton")
 
 
 def test_stop_time_bracketed_despite_noisy_condition():
@@ -181,3 +216,16 @@ def test_trajectory_save_load_roundtrip(tmp_path):
     np.testing.assert_array_equal(back["loss"], tr["loss"])
     np.testing.assert_array_equal(back.model.factors[0], tr.model.factors[0])
     assert back.status == tr.status and back.stats == tr.stats
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_prediction_jacobian_closed_form_matches_autodiff(dense):
+    model, objective = small_problem(seed=2, order=4, d=3, rank=5, m=40)
+    objective = gf.Completion(objective.shape, objective.indices, objective.values,
+                              dense=dense)
+    flat, unravel = jax.flatten_util.ravel_pytree(model)
+    auto = jax.jacfwd(lambda v: objective.predict(unravel(v)))(flat)
+    np.testing.assert_allclose(objective.prediction_jacobian(model), auto, atol=1e-14)
+    sensing = gf.Sensing(jr.normal(jr.key(4), (7, *model.shape)), jnp.zeros(7))
+    auto = jax.jacfwd(lambda v: sensing.predict(unravel(v)))(flat)
+    np.testing.assert_allclose(sensing.prediction_jacobian(model), auto, atol=1e-13)

@@ -5,3 +5,4 @@ from . import descent as descent
 from . import htf as htf
 from .verdict import Verdict as Verdict
 from .verdict import worst as worst
+from .verdict import relative_max as relative_max

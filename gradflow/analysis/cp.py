@@ -6,14 +6,13 @@ functions at the bottom reduce a trajectory's saved residuals to a `Verdict`.
 """
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
 from ..models.cp import CP
-from ..vector_field import vector_field
-from .verdict import Verdict
+from ..vector_field import rate_along_flow
+from .verdict import Verdict, relative_max
 
 
 def squared_norm_gaps(model: CP) -> Float[Array, "N R"]:
@@ -41,8 +40,7 @@ def gammas(model: CP, objective) -> Float[Array, " R"]:
 
 def component_norm_rates(model: CP, objective) -> Float[Array, " R"]:
     r"""$\dot P_r$ under the flow, by the chain rule from $\dot{\mathbf w}=-\nabla\phi$."""
-    velocity = vector_field(0.0, model, objective)
-    return jax.jvp(lambda m: m.component_norms(), (model,), (velocity,))[1]
+    return rate_along_flow(lambda m: m.component_norms(), model, objective)
 
 
 def identity_rate(model: CP, objective) -> Float[Array, " R"]:
@@ -68,21 +66,17 @@ def theorem1_bounds(model: CP, objective, epsilon: ArrayLike):
     return jnp.minimum(small, large), jnp.maximum(small, large)
 
 
-def _relative(diff, rate):
-    scale = jnp.max(jnp.abs(rate))
-    return jnp.max(jnp.abs(diff)) / jnp.where(scale > 0, scale, 1.0)
-
 
 def identity_residual(model: CP, objective) -> Float[Array, ""]:
     """Max over components of |Ṗ − identity| relative to the largest |Ṗ| (check T2)."""
     rate = component_norm_rates(model, objective)
-    return _relative(rate - identity_rate(model, objective), rate)
+    return relative_max(rate - identity_rate(model, objective), rate)
 
 
 def corollary_residual(model: CP, objective) -> Float[Array, ""]:
     """As `identity_residual`, for Corollary 1's law (check T4; needs ε = 0)."""
     rate = component_norm_rates(model, objective)
-    return _relative(rate - corollary_rate(model, objective), rate)
+    return relative_max(rate - corollary_rate(model, objective), rate)
 
 
 def theorem1_violation(model: CP, objective, epsilon: ArrayLike) -> Float[Array, ""]:
@@ -90,7 +84,7 @@ def theorem1_violation(model: CP, objective, epsilon: ArrayLike) -> Float[Array,
     rate = component_norm_rates(model, objective)
     lower, upper = theorem1_bounds(model, objective, epsilon)
     excess = jnp.maximum(jnp.maximum(lower - rate, rate - upper), 0.0)
-    return _relative(excess, rate)
+    return relative_max(excess, rate)
 
 
 def conservation_verdict(squared_norms, tolerance: float = 1e-10) -> Verdict:

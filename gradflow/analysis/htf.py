@@ -24,9 +24,9 @@ from jaxtyping import Array, ArrayLike, Float, Int
 
 from ..models.base import AbstractFactorization
 from ..models.htf import HTF
-from ..vector_field import vector_field
-from .matrix import EIGEN_CUTOFF, _relative, effective_rank
-from .verdict import Verdict, worst
+from ..vector_field import rate_along_flow, vector_field
+from .matrix import EIGEN_CUTOFF, effective_rank
+from .verdict import Verdict, relative_max, worst
 
 
 def squared_norm_gaps(model: HTF) -> Float[Array, " gaps"]:
@@ -84,8 +84,7 @@ def gammas(model: HTF, objective) -> Float[Array, " components"]:
 
 def local_norm_rates(model: HTF, objective) -> Float[Array, " components"]:
     r"""$\dot P_{\nu,r}$ under the flow, by the chain rule (a JVP along $-\nabla\phi$)."""
-    velocity = vector_field(0.0, model, objective)
-    return jax.jvp(lambda m: m.component_norms(), (model,), (velocity,))[1]
+    return rate_along_flow(lambda m: m.component_norms(), model, objective)
 
 
 def identity_rate(model: HTF, objective) -> Float[Array, " components"]:
@@ -106,13 +105,13 @@ def corollary_rate(model: HTF, objective) -> Float[Array, " components"]:
 def identity_residual(model: HTF, objective) -> Float[Array, ""]:
     """max over components of |Ṗ − identity| relative to the largest |Ṗ| (check H2)."""
     rate = local_norm_rates(model, objective)
-    return _relative(rate - identity_rate(model, objective), rate)
+    return relative_max(rate - identity_rate(model, objective), rate)
 
 
 def corollary_residual(model: HTF, objective) -> Float[Array, ""]:
     """As `identity_residual`, for the law Ṗ = Kγ P^(2−2/K) (check H3; needs ε_H = 0)."""
     rate = local_norm_rates(model, objective)
-    return _relative(rate - corollary_rate(model, objective), rate)
+    return relative_max(rate - corollary_rate(model, objective), rate)
 
 
 class MatricizationRank(NamedTuple):

@@ -19,8 +19,8 @@ from jaxtyping import Array, ArrayLike, Float
 
 from .._checks import check_positive
 from ..models.matrix import DeepMatrix
-from ..vector_field import vector_field
-from .verdict import Verdict
+from ..vector_field import rate_along_flow
+from .verdict import Verdict, relative_max
 
 EIGEN_CUTOFF = 1e-12
 """Eigen/singular values below this fraction of the largest count as zero (§1.4 pitfall)."""
@@ -63,8 +63,7 @@ def end_gradient(model: DeepMatrix, objective) -> Float[Array, "d_L d_0"]:
 
 def end_to_end_rate(model: DeepMatrix, objective) -> Float[Array, "d_L d_0"]:
     r"""$\dot W$ under the flow, by the chain rule from $\dot W_j=-\partial\phi/\partial W_j$."""
-    velocity = vector_field(0.0, model, objective)
-    return jax.jvp(lambda m: m.full(), (model,), (velocity,))[1]
+    return rate_along_flow(lambda m: m.full(), model, objective)
 
 
 def psd_power(matrix: Float[Array, "d d"], power: float) -> Float[Array, "d d"]:
@@ -91,15 +90,11 @@ def end_to_end_formula(model: DeepMatrix, objective) -> Float[Array, "d_L d_0"]:
     return -sum(terms)
 
 
-def _relative(diff, rate):
-    scale = jnp.max(jnp.abs(rate))
-    return jnp.max(jnp.abs(diff), initial=0.0) / jnp.where(scale > 0, scale, 1.0)
-
 
 def end_to_end_residual(model: DeepMatrix, objective) -> Float[Array, ""]:
     """max |Ẇ − formula| relative to max |Ẇ| (check M2; needs balanced layers)."""
     rate = end_to_end_rate(model, objective)
-    return _relative(rate - end_to_end_formula(model, objective), rate)
+    return relative_max(rate - end_to_end_formula(model, objective), rate)
 
 
 def singular_value_rates(model: DeepMatrix, objective):
@@ -124,7 +119,7 @@ def singular_value_residual(model: DeepMatrix, objective) -> Float[Array, ""]:
     s = model.component_norms()
     nonzero = s > EIGEN_CUTOFF * jnp.max(s)
     rate = end_to_end_rate(model, objective)
-    return _relative(jnp.where(nonzero, measured - law, 0.0), rate)
+    return relative_max(jnp.where(nonzero, measured - law, 0.0), rate)
 
 
 def _singular_values(matrix):

@@ -2,7 +2,15 @@
 
 import dataclasses
 
+import jax.numpy as jnp
 import numpy as np
+
+
+def relative_max(diff, reference):
+    """$\\max|$`diff`$| / \\max|$`reference`$|$: a residual relative to the size of what it
+    is a residual of (unscaled when `reference` is all zero)."""
+    scale = jnp.max(jnp.abs(reference))
+    return jnp.max(jnp.abs(diff), initial=0.0) / jnp.where(scale > 0, scale, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)

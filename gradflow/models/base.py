@@ -3,7 +3,9 @@
 import abc
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, Int
 
 
@@ -26,6 +28,13 @@ class AbstractFactorization(eqx.Module):
     @abc.abstractmethod
     def entries(self, indices: Int[Array, "m order"]) -> Float[Array, " m"]:
         """Entries of the end tensor at `indices` (one row per entry)."""
+
+    def entries_jacobian(self, indices: Int[Array, "m order"]) -> Float[Array, "m weights"]:
+        """Jacobian of `entries(indices)` in the weights, flattened in
+        `jax.flatten_util.ravel_pytree` order (forward-mode autodiff unless a model
+        knows it in closed form)."""
+        flat, unravel = ravel_pytree(self)
+        return jax.jacfwd(lambda v: unravel(v).entries(indices))(flat)
 
     @abc.abstractmethod
     def component_norms(self) -> Float[Array, " components"]:

@@ -2,6 +2,7 @@
 
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
@@ -64,6 +65,20 @@ class CP(AbstractAdditiveFactorization):
         for n in range(1, self.order):
             prod = prod * self.factors[n][indices[:, n]]
         return prod.sum(axis=-1)
+
+    def entries_jacobian(self, indices: Int[Array, "m N"]) -> Float[Array, "m weights"]:
+        r"""Closed form: $\partial\mathcal W_i/\partial(\mathbf w^n_r)_j
+        = [i_n = j]\prod_{n'\ne n}(\mathbf w^{n'}_r)_{i_{n'}}$."""
+        rows = [f[indices[:, n]] for n, f in enumerate(self.factors)]  # (m, R) each
+        blocks = []
+        for n, f in enumerate(self.factors):
+            others = jnp.ones_like(rows[0])
+            for k, row in enumerate(rows):
+                if k != n:
+                    others = others * row
+            onehot = jax.nn.one_hot(indices[:, n], f.shape[0], dtype=f.dtype)
+            blocks.append((onehot[:, :, None] * others[:, None, :]).reshape(len(others), -1))
+        return jnp.concatenate(blocks, axis=1)
 
     def vector_norms(self) -> Float[Array, "N R"]:
         r"""$\|\mathbf w_r^n\|$ for every mode $n$ (rows) and component $r$ (columns)."""
