@@ -41,8 +41,9 @@ from ..models.matrix import DeepMatrix
 from ..objectives import Completion
 from ..solvers import RosenbrockW
 from ..stiffness import LargestComponents
-from .htf_incremental import (SOLVERS, flow_through_escape, node_label, node_slices,
-                              random_htf_tensor, rank_summary, top_curves, x_axis, x_values)
+from .htf_incremental import (SOLVERS, add_learning_phase_arguments, flow_through_escape,
+                              node_label, node_slices, random_htf_tensor, rank_summary,
+                              top_curves, x_axis, x_values)
 
 NAME = "compare-factorizations"
 MODELS = ("mf", "cp", "htf")
@@ -78,19 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rtol", type=float, default=1e-6,
                         help="step-size control (1e-6 is ample for a figure; CP's "
                              "Rosenbrock-W steps grow like rtol^(-1/3))")
-    parser.add_argument("--max-steps", type=int, default=400_000)
-    parser.add_argument("--rank-rtol", type=float, default=1e-2,
-                        help="singular values above this x the largest count toward a rank "
-                             "(1e-2: just above the ~1%% reconstruction error at --loss-tol)")
-    parser.add_argument("--escape", type=float, default=0.01,
-                        help="the plateau ends when the end tensor's norm reaches this x the "
-                             "truth's; the learning phase after it is saved finely")
-    parser.add_argument("--saves", type=int, default=3000,
-                        help="save times of the learning phase (geometric from t = 1e-2)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--x", choices=["escape", "time", "loss"], default="escape",
-                        help="x-axis: linear time since the plateau ended, log flow time, "
-                             "or the loss")
+    add_learning_phase_arguments(parser)
 
 
 def _problem(name, args, key):

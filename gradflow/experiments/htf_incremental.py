@@ -89,6 +89,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--t1", type=float, default=1e14, help="final flow time")
     parser.add_argument("--rtol", type=float, default=1e-8)
     parser.add_argument("--solver", choices=sorted(SOLVERS), default="tsit5")
+    add_learning_phase_arguments(parser)
+
+
+def add_learning_phase_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments shared with `compare-factorizations`: stop, ranks, the two-leg
+    solve around the plateau's end, seed and x-axis."""
     parser.add_argument("--max-steps", type=int, default=400_000)
     parser.add_argument("--rank-rtol", type=float, default=1e-2,
                         help="singular values above this x the largest count toward a rank "
