@@ -30,7 +30,11 @@ PROGRESS_CHUNKS = 100
 
 
 class DescentError(FlowError):
-    """A descent run that did not finish. `error.trajectory` holds what was computed."""
+    """A descent run that did not finish (diverged, or a non-finite state).
+
+    **Attributes:** `trajectory`, the [`gradflow.Trajectory`][] of what was computed,
+    up to the failed step (its `status` and `reason` say why).
+    """
 
     def __init__(self, trajectory: Trajectory):
         self.trajectory = trajectory
@@ -51,7 +55,11 @@ class DescentError(FlowError):
 
 
 class RmsNormalizedState(NamedTuple):
-    """State of [`gradflow.rms_normalized`][]: step count and the EMA of $\\|g\\|^2$."""
+    """State of [`gradflow.rms_normalized`][].
+
+    **Fields:** `count` (steps taken) and `square_avg` (the exponential moving average
+    of $\\|g\\|^2$ over the whole gradient).
+    """
 
     count: Int[Array, ""]
     square_avg: Float[Array, ""]

@@ -30,7 +30,10 @@ class AbstractLoss(eqx.Module):
 
 
 class SquaredLoss(AbstractLoss):
-    """$\\ell(z) = z^2/2$."""
+    """$\\ell(z) = z^2/2$ (the default loss of every objective).
+
+    **Arguments:** none.
+    """
 
     def __call__(self, residual):
         return 0.5 * residual**2

@@ -53,7 +53,10 @@ class _ZeroLinearisation(AbstractLinearisation):
 
 
 class Explicit(AbstractStiffness):
-    """$W=0$: the Rosenbrock-W method becomes an explicit third-order method."""
+    """$W=0$: the Rosenbrock-W method becomes an explicit third-order method.
+
+    **Arguments:** none.
+    """
 
     def linearise(self, model, objective):
         return _ZeroLinearisation()
@@ -188,6 +191,8 @@ class DenseHessian(AbstractStiffness):
     For models with few weights (the 2×2 problems, small deep matrices): its cost is a
     dense Hessian and an eigendecomposition of size (number of weights)², so use it
     below a few hundred weights.
+
+    **Arguments:** none.
     """
 
     def linearise(self, model, objective):

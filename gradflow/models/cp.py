@@ -14,7 +14,11 @@ from .base import AbstractAdditiveFactorization
 class CP(AbstractAdditiveFactorization):
     r"""$\mathcal W = \sum_{r=1}^R \mathbf w_r^1\otimes\cdots\otimes\mathbf w_r^N$.
 
-    `factors[n]` has shape `(d_n, R)`; its column `r` is $\mathbf w_r^n$.
+    **Arguments:**
+
+    - `factors`: a tuple of $N \ge 2$ arrays, `factors[n]` of shape `(d_n, R)`; its
+      column `r` is $\mathbf w_r^n$. The constructors `gaussian` and `balanced` make
+      the inits of the theory.
 
     !!! Example
 

@@ -14,9 +14,12 @@ from .base import AbstractFactorization
 class DeepMatrix(AbstractFactorization):
     r"""$W = W_{L:1} = W_L\cdots W_1$, with $W_j\in\mathbb R^{d_j\times d_{j-1}}$.
 
-    `layers[j - 1]` is $W_j$ (the input layer $W_1$ comes first), so the end matrix
-    has shape $(d_L, d_0)$. Any `Completion` or `Sensing` objective of that shape
-    observes it; the loss is the library's usual mean over observations.
+    **Arguments:**
+
+    - `layers`: a tuple of matrices; `layers[j - 1]` is $W_j$ (the input layer $W_1$
+      comes first; constructors `gaussian`, `balanced`, `identity`), so the end
+      matrix has shape $(d_L, d_0)$. Any `Completion` or `Sensing` objective of that
+      shape observes it; the loss is the library's usual mean over observations.
 
     !!! Example
 
