@@ -57,12 +57,12 @@ class CP(AbstractAdditiveFactorization):
         return self.factors[0].shape[1]
 
     def full(self) -> Float[Array, "..."]:
-        # Two Khatri-Rao products (first modes, last modes) and one matmul: the
-        # flops go to the matmul instead of memory-bound elementwise passes.
-        half = self.order // 2
-        left = _khatri_rao(self.factors[:half])
-        right = _khatri_rao(self.factors[half:])
-        return (left @ right.T).reshape(self.shape)
+        # One einsum with a greedy contraction order: pairwise products, then a matmul
+        # over the components; 1.1-2.4x faster than two Khatri-Rao products and a matmul
+        # (orders 3-5, dims 6-18, benchmarks/vector_field.py).
+        order = self.order
+        operands = [x for n, f in enumerate(self.factors) for x in (f, [n, order])]
+        return jnp.einsum(*operands, list(range(order)), optimize="greedy")
 
     def entries(self, indices: Int[Array, "m N"]) -> Float[Array, " m"]:
         prod = self.factors[0][indices[:, 0]]
@@ -164,13 +164,6 @@ class CP(AbstractAdditiveFactorization):
             v = jr.normal(k, (d, rank), dtype)
             factors.append(scale * v / jnp.linalg.norm(v, axis=0))
         return cls(tuple(factors))
-
-
-def _khatri_rao(factors) -> Float[Array, "prod_d R"]:
-    out = factors[0]
-    for f in factors[1:]:
-        out = (out[:, None, :] * f[None, :, :]).reshape(-1, f.shape[1])
-    return out
 
 
 def _check_cp_args(dims, rank) -> tuple[int, ...]:
