@@ -121,8 +121,9 @@ class LargestComponents(AbstractStiffness):
     """The Hessian block of the `size` largest components' weights, zero elsewhere.
 
     The block Hessian comes from a loss restricted to those components (the others
-    fixed), so its cost is that of a model with `size` components. Negative
-    curvature (escaping directions) is not damped: eigenvalues are clipped at zero.
+    fixed), so its cost is that of a model with `size` components. The Gauss–Newton
+    block is positive semidefinite; the exact one can have negative curvature
+    (escaping directions), which is not damped: its eigenvalues are clipped at zero.
 
     **Arguments:**
 

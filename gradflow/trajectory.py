@@ -36,7 +36,9 @@ class Trajectory:
     - `status`: one of `"t1"`, `"loss"`, `"radius"` (finished) or `"max_steps"`,
       `"non_finite"`, `"step_underflow"`, `"failed"` (did not finish).
     - `stats`: solver statistics (accepted/rejected steps, gradient evaluations,
-      wall and compile time, ...).
+      `wall_time`, ...). `wall_time` includes compilation when the call compiled: the
+      first call for a model structure, solver and set of stops (to time a solve, call
+      it once before with the same arguments).
     - `config`: what was solved (solver, tolerances, stop conditions).
     """
 
