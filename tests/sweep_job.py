@@ -1,6 +1,7 @@
 """A small sweep run as a separate process by tests/test_sweep.py (devices, processes, kill)."""
 
 import sys
+import time
 
 import jax
 import jax.random as jr
@@ -10,19 +11,22 @@ GRID = {"scale": [0.3, 0.1, 0.03], "seed": [0, 1]}
 SAVE_TIMES = np.concatenate([[0.0], np.geomspace(1e-2, 1e9, 40)])
 
 
-def problem(params):
+def problem(params, delay=0.0):
     import gradflow as gf
 
+    if delay:  # a chunk takes at least `delay` seconds, so a kill can land between chunks
+        jax.debug.callback(lambda: time.sleep(delay))
     dims = (3, 3, 3)
     truth = gf.random_cp_tensor(jr.key(0), dims, 2)
     objective = gf.Completion.from_tensor(truth, gf.sample_indices(jr.key(1), dims, 15))
     return gf.CP.gaussian(jr.key(params["seed"]), dims, 5, params["scale"]), objective
 
 
-def run(out, chunk_size=2, progress=False):
+def run(out, chunk_size=2, progress=False, delay=0.0):
     import gradflow as gf
 
-    return gf.sweep(problem, GRID, t1=1e9, loss_drop=1e-3, save_times=SAVE_TIMES,
+    solve = problem if not delay else lambda params: problem(params, delay)
+    return gf.sweep(solve, GRID, t1=1e9, loss_drop=1e-3, save_times=SAVE_TIMES,
                     observers=["component_norms"], out=out, chunk_size=chunk_size,
                     order_by="scale", tag={"job": "tests/sweep_job.py"}, progress=progress)
 
@@ -33,5 +37,6 @@ if __name__ == "__main__":
         ident, port = mode[len("process"):].split(":")
         index, count = (int(x) for x in ident.split("of"))
         jax.distributed.initialize(f"localhost:{port}", num_processes=count, process_id=index)
-    result = run(out, progress=(mode == "slow"))
+    slow = mode == "slow"
+    result = run(out, progress=slow, delay=2.0 if slow else 0.0)
     print("devices", len(jax.local_devices()), "members", len(result), flush=True)
