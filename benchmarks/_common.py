@@ -228,6 +228,18 @@ def machine() -> dict:
     }
 
 
+def record(results: dict, key, row: dict, wall: float, costs: dict, partial: str,
+           out=None) -> None:
+    """Store a measured `row` under `key`, with `x_priced` = wall time over the priced
+    cost (equivalents x one gradient's best time: what the accounting leaves out, i.e.
+    solver overhead and load), and save all rows so far to `results/<partial>.json`
+    (or beside `out`, the run's own results path)."""
+    row["x_priced"] = wall / (row["equivalents"] * costs["gradient_s"])
+    results[key] = row
+    path = None if out is None else Path(out).with_name(Path(out).stem + "_partial.json")
+    write_results(partial, {"rows": list(results.values())}, path, quiet=True)
+
+
 def write_results(name: str, payload: dict, path=None, quiet=False) -> Path:
     path = Path(path) if path else RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -101,12 +101,7 @@ def main(args=None):
                 else:
                     row |= dict(gradients=tr.stats["gradient_evaluations"], rebuilds=0,
                                 equivalents=float(tr.stats["gradient_evaluations"]))
-                # wall time over the priced cost (equivalents x one gradient's best time):
-                # what the accounting leaves out (solver overhead, load)
-                row["x_priced"] = wall / (row["equivalents"] * costs["gradient_s"])
-                results[key] = row
-                C.write_results("init_scale_partial", {"rows": list(results.values())},
-                                quiet=True)
+                C.record(results, key, row, wall, costs, "init_scale_partial", args.out)
                 print(f"[rep {rep}] {name:32} std={std:<6g} {row['status']:>9} "
                       f"t={row['t_final']:.3g} steps={row['steps']} "
                       f"equiv={row['equivalents']:.0f} wall={wall:.1f}s", flush=True)

@@ -245,10 +245,7 @@ def main(args=None):
                             + info["rebuilds"] * rebuild)
             else:
                 row |= dict(gradients=steps, hvps=0, rebuilds=0, equivalents=float(steps))
-            row["x_priced"] = wall / (row["equivalents"] * costs["gradient_s"])
-            results[key] = row
-            C.write_results("work_precision_partial", {"rows": list(results.values())},
-                            quiet=True)
+            C.record(results, key, row, wall, costs, "work_precision_partial", args.out)
             print(f"{family:42} {label:12} {row['status']:>9} steps={steps:<7d} "
                   f"equiv={row['equivalents']:<9.0f} wall={wall:7.1f}s "
                   f"error={row['error']:.2e}", flush=True)

@@ -36,5 +36,9 @@ def rate_along_flow(quantity, model, objective):
 
     **Returns:** the time derivative, shaped like `quantity(model)`.
     """
+    if not callable(quantity):
+        raise TypeError(
+            f"`quantity` must be a function of the model, got {type(quantity).__name__}."
+        )
     velocity = vector_field(0.0, model, objective)
     return jax.jvp(quantity, (model,), (velocity,))[1]

@@ -47,6 +47,11 @@ def test_bad_arguments_are_named():
         gf.sample_indices(jr.key(0), (2, 2), 5)
     with pytest.raises(ValueError, match="`operators`"):
         gf.Sensing(jnp.ones((4,)), jnp.ones(4))
+    with pytest.raises(TypeError, match="`quantity` must be a function"):
+        gf.rate_along_flow("component_norms", gf.CP.gaussian(jr.key(0), (3, 3, 3), 2, 0.1),
+                           completion())
+    with pytest.raises(ValueError, match="`hessian` must be"):
+        gf.LargestComponents(8, hessian="newton")
 
 
 def test_flow_rejects_bad_arguments():
