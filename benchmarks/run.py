@@ -6,6 +6,7 @@
     .venv/bin/python benchmarks/run.py torch           [--quick]         # 4 (needs torch)
     .venv/bin/python benchmarks/run.py compile         [--quick]         # 5
     .venv/bin/python benchmarks/run.py sweep           [--quick]         # issue 6
+    .venv/bin/python benchmarks/run.py htf             [--quick] [...]   # issue 15
     .venv/bin/python benchmarks/run.py report          # docs/benchmarks.md from results/
 
 Each prints its table and writes JSON under `benchmarks/results/`; `--help` after a
@@ -19,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import compile_time  # noqa: E402
+import htf  # noqa: E402
 import init_scale  # noqa: E402
 import report  # noqa: E402
 import sweep  # noqa: E402
@@ -33,6 +35,7 @@ COMMANDS = {
     "torch": torch_gd,
     "compile": compile_time,
     "sweep": sweep,
+    "htf": htf,
     "report": report,
 }
 

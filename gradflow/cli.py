@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from .experiments import EXPERIMENTS
+from .experiments import _config
 
 
 def main(argv=None) -> int:
@@ -19,11 +20,15 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a named experiment (writes PNG + JSON)")
     run_sub = run.add_subparsers(dest="experiment", required=True)
+    parsers = {}
     for name, module in EXPERIMENTS.items():
-        p = run_sub.add_parser(name, help=module.__doc__.splitlines()[0],
-                               description=module.__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_arguments(p)
+        p = parsers[name] = run_sub.add_parser(
+            name, help=module.__doc__.splitlines()[0], description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter)
+        if hasattr(module, "Config"):
+            _config.add_arguments(p, module.Config)
+        else:
+            module.add_arguments(p)
         p.add_argument("--out", type=Path, default=None,
                        help=f"output folder (default runs/{name})")
         p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -49,7 +54,8 @@ def main(argv=None) -> int:
         description="Draw random instances of every registered theorem check, integrate "
                     "them, and print check, cases, worst residual, tolerance and verdict.")
     verify.add_argument("--only", nargs="+", metavar="NAME", help="run only these checks")
-    verify.add_argument("--cases", type=int, default=3, help="instances per check (default 3)")
+    verify.add_argument("--cases", type=_positive_int, default=3,
+                        help="instances per check (default 3)")
     verify.add_argument("--seed", type=int, default=0)
     verify.add_argument("--json", type=Path, metavar="FILE", help="also write the results here")
     verify.add_argument("--import", dest="imports", nargs="+", default=[], metavar="MODULE",
@@ -57,17 +63,34 @@ def main(argv=None) -> int:
     verify.add_argument("--list", action="store_true", help="list the checks and exit")
     args = parser.parse_args(argv)
     if args.command == "verify":
-        return _verify(args)
+        return _verify(args, verify)
     if args.command == "sweep":
         return _sweep(args)
-    module = EXPERIMENTS[args.experiment]
+    module, p = EXPERIMENTS[args.experiment], parsers[args.experiment]
     out = args.out or Path("runs") / args.experiment
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        p.error(f"argument --out: {out} exists and is not a folder")
     start = time.perf_counter()
-    module.run(args, out, progress=not args.quiet)
+    if hasattr(module, "Config"):
+        config = _config.from_args(module.Config, args, p)  # validated before any output
+        out.mkdir(parents=True, exist_ok=True)
+        module.run(config, out=out, progress=not args.quiet)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        module.run(args, out, progress=not args.quiet)
     print(f"[{args.experiment}] done in {time.perf_counter() - start:.1f}s; "
           f"results in {out}/", flush=True)
     return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {value}")
+    return value
 
 
 def _sweep(args) -> int:
@@ -100,11 +123,15 @@ def _import(name: str) -> None:
         importlib.import_module(name)
 
 
-def _verify(args) -> int:
+def _verify(args, parser) -> int:
     from . import verify
 
     for name in args.imports:
         _import(name)
+    unknown = [n for n in (args.only or []) if n not in verify.CHECKS]
+    if unknown:
+        parser.error(f"argument --only: unknown check(s) {unknown}; known: "
+                     f"{sorted(verify.CHECKS)}")
     if args.list:
         for check in verify.CHECKS.values():
             print(f"{check.name:<26} {check.statement}\n{'':<26} when: {check.preconditions}")

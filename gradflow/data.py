@@ -8,8 +8,9 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from ._checks import check_dims, check_positive
+from ._validate import check_dims, check_positive
 from .models.cp import CP
+from .models.htf import HTF, ModeTree
 
 
 def random_cp_tensor(
@@ -67,3 +68,27 @@ def sample_indices(
         raise ValueError(f"`num` must be an int in [1, {size}], got {num!r}.")
     flat = jr.choice(key, size, (num,), replace=False)
     return jnp.stack(jnp.unravel_index(flat, shape), axis=1)
+
+
+def random_htf_tensor(
+    key: PRNGKeyArray, dims: Sequence[int], tree: ModeTree, ranks: Sequence[int],
+    norm: float = 1.0,
+) -> Float[Array, "..."]:
+    """A tensor of low hierarchical rank: a Gaussian HTF with small widths, rescaled.
+
+    The ground truth of the hierarchical-tensor-factorization paper's code.
+
+    **Arguments:**
+
+    - `key`: a JAX PRNG key.
+    - `dims`: mode dimensions, one per mode of `tree`.
+    - `tree`: a [`gradflow.ModeTree`][].
+    - `ranks`: one width per layer of the tree (the paper's `target_tensor_ht_rank`),
+      so the hierarchical rank is at most that at every node.
+    - `norm`: the Frobenius norm of the result (> 0).
+
+    **Returns:** a float64 array of shape `dims`.
+    """
+    check_positive("norm", norm)
+    tensor = HTF.gaussian(key, dims, tree, tree.layer_widths(ranks), 1.0).full()
+    return norm * tensor / jnp.linalg.norm(tensor)

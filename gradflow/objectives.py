@@ -17,7 +17,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, ArrayLike, Float, Int
 
-from ._checks import check_dims, check_finite, check_positive, concrete
+from ._validate import check_dims, check_finite, check_positive, concrete
 from .models.base import AbstractFactorization
 
 
@@ -50,6 +50,8 @@ class HuberLoss(AbstractLoss):
     delta: Float[ArrayLike, ""]
 
     def __check_init__(self):
+        if np.ndim(self.delta) != 0:
+            raise ValueError(f"`delta` must be a scalar, got shape {np.shape(self.delta)}.")
         check_positive("delta", self.delta)
 
     def __call__(self, residual):
@@ -89,6 +91,13 @@ class AbstractObjective(eqx.Module):
 
     def __call__(self, model: AbstractFactorization) -> Float[Array, ""]:
         return self.loss_at(self.predict(model))
+
+    def astype(self, dtype) -> "AbstractObjective":
+        """This objective with its floating-point arrays (values, operators, Huber's
+        delta) cast to `dtype`, the dtype of the model it observes."""
+        cast = lambda x: x.astype(dtype) if eqx.is_array(x) and jnp.issubdtype(
+            x.dtype, jnp.floating) else x
+        return jax.tree.map(cast, self)
 
     def check_model(self, model: AbstractFactorization, name: str = "model") -> None:
         """Raise a `ValueError` naming `name` if `model` cannot be observed here."""
@@ -138,11 +147,9 @@ class Completion(AbstractObjective):
     ):
         self.shape = check_dims("shape", shape)
         self.indices = jnp.asarray(indices)
-        self.values = jnp.asarray(values)
-        self.loss = SquaredLoss() if loss is None else loss
+        self.values = _real("values", values)
+        self.loss = _check_loss(loss)
         _check_completion(self.shape, self.indices, self.values)
-        if not isinstance(self.loss, AbstractLoss):
-            raise TypeError(f"`loss` must be a gradflow loss, got {self.loss!r}.")
         if dense is None:
             size = math.prod(self.shape)
             m = self.indices.shape[0]
@@ -201,12 +208,13 @@ class Sensing(AbstractObjective):
     loss: AbstractLoss
 
     def __init__(self, operators, values, loss: AbstractLoss | None = None):
-        self.operators = jnp.asarray(operators)
-        self.values = jnp.asarray(values)
-        self.loss = SquaredLoss() if loss is None else loss
-        if self.operators.ndim < 2:
+        self.operators = _real("operators", operators)
+        self.values = _real("values", values)
+        self.loss = _check_loss(loss)
+        if self.operators.ndim < 2 or math.prod(self.operators.shape) == 0:
             raise ValueError(
-                f"`operators` must have shape (m, *tensor_shape), got {self.operators.shape}."
+                "`operators` must have shape (m, *tensor_shape) with m >= 1 and a non-empty "
+                f"tensor shape, got {self.operators.shape}."
             )
         self.shape = tuple(self.operators.shape[1:])
         if self.values.shape != (self.operators.shape[0],):
@@ -222,14 +230,38 @@ class Sensing(AbstractObjective):
         return flat @ model.full().reshape(-1)
 
 
+def _check_loss(loss) -> AbstractLoss:
+    if loss is None:
+        return SquaredLoss()
+    if not isinstance(loss, AbstractLoss):
+        raise TypeError(
+            f"`loss` must be a gradflow loss (SquaredLoss(), HuberLoss(delta)), got {loss!r}."
+        )
+    return loss
+
+
+def _real(name: str, x):
+    """`x` as a real floating-point JAX array (ints are converted; complex is refused)."""
+    try:
+        arr = jnp.asarray(x)
+    except TypeError:
+        raise TypeError(f"`{name}` must be an array of real numbers, got {type(x).__name__}.")
+    if jnp.issubdtype(arr.dtype, jnp.complexfloating):
+        raise TypeError(f"`{name}` must be real, got complex dtype {arr.dtype}.")
+    if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)
+            or arr.dtype == jnp.bool_):
+        raise TypeError(f"`{name}` must be an array of real numbers, got dtype {arr.dtype}.")
+    return arr if jnp.issubdtype(arr.dtype, jnp.floating) else arr.astype(float)
+
+
 def _check_indices(shape, indices) -> None:
     idx = concrete(indices)
     if idx is None:
         return
-    if idx.ndim != 2 or idx.shape[1] != len(shape):
+    if idx.ndim != 2 or idx.shape[1] != len(shape) or idx.shape[0] < 1:
         raise ValueError(
-            f"`indices` must have shape (m, {len(shape)}) for a tensor of shape {shape}, "
-            f"got {idx.shape}."
+            f"`indices` must have shape (m, {len(shape)}) with m >= 1 observed entries for "
+            f"a tensor of shape {shape}, got {idx.shape}."
         )
     if not np.issubdtype(idx.dtype, np.integer):
         raise ValueError(f"`indices` must be integers, got dtype {idx.dtype}.")

@@ -5,7 +5,10 @@ O(saves x observables) however many steps the solver takes. Any function of that
 signature is an observer; these are the common ones, also addressable by name.
 """
 
-from .analysis import cp as _cp
+import equinox as eqx
+import jax.numpy as jnp
+
+from ._vector_field import rate_along_flow
 
 
 def loss(t, model, objective):
@@ -29,18 +32,26 @@ def squared_vector_norms(t, model, objective):
 
 
 def unbalancedness(t, model, objective):
-    """CP: unbalancedness magnitude $\\epsilon$ (Definition 1)."""
-    return _cp.unbalancedness(model)
+    r"""CP: unbalancedness magnitude
+    $\epsilon=\max_{r,n,\bar n}\big|\|\mathbf w_r^n\|^2-\|\mathbf w_r^{\bar n}\|^2\big|$
+    (Definition 1)."""
+    sq = model.vector_norms() ** 2
+    return jnp.max(sq.max(axis=0) - sq.min(axis=0))
 
 
 def gammas(t, model, objective):
-    """CP: $\\gamma_r$ for every component (§3.4)."""
-    return _cp.gammas(model, objective)
+    r"""CP: $\gamma_r=\langle-\nabla\mathcal L(\mathcal W_e),\otimes_n\hat{\mathbf w}_r^n\rangle$
+    for every component (0 where $P_r=0$), from Euler's identity
+    $\gamma_r P_r=-\langle\mathbf w_r^1,\nabla_{\mathbf w_r^1}\phi\rangle$."""
+    grads = eqx.filter_grad(objective)(model)
+    inner = -jnp.sum(model.factors[0] * grads.factors[0], axis=0)
+    norms = model.component_norms()
+    return jnp.where(norms > 0, inner / jnp.where(norms > 0, norms, 1.0), 0.0)
 
 
 def component_norm_rates(t, model, objective):
-    """CP: $\\dot P_r$ by the chain rule."""
-    return _cp.component_norm_rates(model, objective)
+    """$\\dot P_r$ (the time derivative of `component_norms`) by the chain rule."""
+    return rate_along_flow(lambda m: m.component_norms(), model, objective)
 
 
 def parameters(t, model, objective):

@@ -1,6 +1,7 @@
-"""Rosenbrock-W solver for Diffrax: linearly implicit, with a cheap approximate Jacobian."""
+"""Solvers for gradient flow: a Rosenbrock-W method with a cheap approximate Jacobian,
+and the default that switches between it and an explicit method by itself."""
 
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import diffrax as dfx
 import equinox as eqx
@@ -10,45 +11,62 @@ import jax.lax as lax
 import jax.numpy as jnp
 import numpy as np
 
-from .stiffness import AbstractStiffness, LargestComponents
+from .stiffness import AbstractStiffness, LargestComponents, default_stiffness
+
+
+class _Tableau(NamedTuple):
+    """A Rosenbrock(-W) method: stages $k_i$ solve
+    $(I-h\\gamma W)k_i=h f(y_0+\\sum_j a_{ij}k_j)+hW\\sum_j g_{ij}k_j$, and
+    $y_1=y_0+\\sum_i b_ik_i$ with the embedded $\\hat b$ for the error estimate."""
+
+    gamma: float
+    a: np.ndarray
+    g: np.ndarray
+    b: np.ndarray
+    b_embedded: np.ndarray
+    order: int
+
+    @property
+    def stages(self) -> int:
+        return len(self.b)
+
 
 # ROS34PW2 (Rang & Angermann 2005): 4 stages, order 3 with an embedded order-2
 # estimate, L-stable, stiffly accurate, and a W-method: its order holds for any
 # Jacobian approximation W. Coefficients as in PETSc's TSROSWRA34PW2.
 _GAMMA = 4.3586652150845900e-01
-_A = np.array(
-    [
+ROS34PW2 = _Tableau(
+    gamma=_GAMMA,
+    a=np.array([
         [0.0, 0.0, 0.0, 0.0],
         [8.7173304301691801e-01, 0.0, 0.0, 0.0],
         [8.4457060015369423e-01, -1.1299064236484185e-01, 0.0, 0.0],
         [0.0, 0.0, 1.0, 0.0],
-    ]
-)
-_G = np.array(  # strictly lower part of PETSc's Gamma; its diagonal is _GAMMA
-    [
+    ]),
+    g=np.array([  # strictly lower part of PETSc's Gamma; its diagonal is gamma
         [0.0, 0.0, 0.0, 0.0],
         [-8.7173304301691801e-01, 0.0, 0.0, 0.0],
         [-9.0338057013044082e-01, 5.4180672388095326e-02, 0.0, 0.0],
         [2.4212380706095346e-01, -1.2232505839045147e00, 5.4526025533510214e-01, 0.0],
-    ]
-)
-_B = np.array(
-    [2.4212380706095346e-01, -1.2232505839045147e00, 1.5452602553351020e00, _GAMMA]
-)
-_B_EMBEDDED = np.array(
-    [3.7810903145819369e-01, -9.6042292212423178e-02, 0.5, 2.1793326075422950e-01]
+    ]),
+    b=np.array([2.4212380706095346e-01, -1.2232505839045147e00, 1.5452602553351020e00,
+                _GAMMA]),
+    b_embedded=np.array([3.7810903145819369e-01, -9.6042292212423178e-02, 0.5,
+                         2.1793326075422950e-01]),
+    order=3,
 )
 
 
 def _combine(coeffs, trees, base=None):
-    """`base + sum_i coeffs[i] * trees[i]`, skipping zero coefficients."""
-    out = base
-    for c, tree in zip(coeffs, trees):
-        if c == 0.0:
-            continue
-        term = jax.tree.map(lambda x: c * x, tree)
-        out = term if out is None else jax.tree.map(jnp.add, out, term)
-    return out
+    """`base + sum_i coeffs[i] * trees[i]` in one tree map, skipping zero coefficients
+    (Python-float coefficients, so the result keeps the trees' dtype)."""
+    used = [(float(c), tree) for c, tree in zip(coeffs, trees) if c != 0.0]
+    if base is not None:
+        used.insert(0, (1.0, base))
+    if not used:
+        return None
+    return jax.tree.map(lambda *xs: sum(c * x for (c, _), x in zip(used, xs)),
+                        *[tree for _, tree in used])
 
 
 class RosenbrockW(dfx.AbstractAdaptiveSolver):
@@ -70,19 +88,36 @@ class RosenbrockW(dfx.AbstractAdaptiveSolver):
     refresh_every: int = eqx.field(static=True, default=4)
     term_structure: ClassVar = dfx.AbstractTerm
     interpolation_cls: ClassVar = dfx.ThirdOrderHermitePolynomialInterpolation
-    evaluations_per_step: ClassVar[int] = 4
+    tableau: ClassVar[_Tableau] = ROS34PW2
+    evaluations_per_step: ClassVar[int] = ROS34PW2.stages
+    """Gradient evaluations per step: one per stage after the first, whose value is
+    the previous step's end, plus the end of the step."""
 
     def order(self, terms):
-        return 3
+        return self.tableau.order
+
+    def linearise(self, y, args, previous=None):
+        """The approximate Jacobian at `y`, without gradient: a W-method keeps its
+        order for any W, so derivatives of a solve are those of a consistent
+        discretization, and differentiating an eigendecomposition or a top-k selection
+        (ties at symmetric inits) would give NaNs."""
+        return lax.stop_gradient(self.stiffness.linearise(y, args, previous))
 
     def init(self, terms, t0, t1, y0, args):
-        jac = self.stiffness.linearise(y0, args)
-        return terms.vf(t0, y0, args), jac, jnp.array(0)
+        return terms.vf(t0, y0, args), self.linearise(y0, args), jnp.array(0)
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
         del made_jump
-        h = t1 - t0
         f0, jac, age = solver_state
+        y1, y_error, dense_info, f1, jac, age, _ = self.w_step(terms, t0, t1, y0, args, f0,
+                                                               jac, age)
+        return y1, y_error, dense_info, (f1, jac, age), dfx.RESULTS.successful
+
+    def w_step(self, terms, t0, t1, y0, args, f0, jac, age):
+        """One step from `y0` (with `f0` = f(y0)) and the linearisation `jac` of
+        `age` steps; returns `(y1, y_error, dense_info, f1, jac, age, refreshed)`."""
+        tab = self.tableau
+        h = t1 - t0
         fresh = age >= self.refresh_every
         # Under vmap (sweeps) `fresh` is batched and a `lax.cond` on it would become a
         # select that linearises at every step; branch on "any member is due" instead.
@@ -90,31 +125,211 @@ class RosenbrockW(dfx.AbstractAdaptiveSolver):
             eqxi.unvmap_any(fresh),
             lambda: jax.tree.map(
                 lambda new, old: jnp.where(fresh, new, old) if eqx.is_array(new) else new,
-                self.stiffness.linearise(y0, args), jac,
+                self.linearise(y0, args, jac), jac,
             ),
             lambda: jac,
         )
         age = jnp.where(fresh, 1, age + 1)
-        solve = jac.shifted(h * _GAMMA)
+        solve = jac.shifted(h * tab.gamma)
         ks = []
-        for i in range(4):
-            if i == 0:
-                f = f0
-            else:
-                f = terms.vf(t0, _combine(_A[i, :i], ks, y0), args)
+        for i in range(tab.stages):
+            f = f0 if i == 0 else terms.vf(t0, _combine(tab.a[i, :i], ks, y0), args)
             rhs = jax.tree.map(lambda x: h * x, f)
-            coupled = _combine(_G[i, :i], ks)
+            coupled = _combine(tab.g[i, :i], ks)
             if coupled is not None:
-                w = jac.matvec(coupled)
-                rhs = jax.tree.map(lambda r, x: r + h * x, rhs, w)
+                rhs = jax.tree.map(lambda r, x: r + h * x, rhs, jac.matvec(coupled))
             ks.append(solve(rhs))
-        y1 = _combine(_B, ks, y0)
-        y_error = _combine(_B - _B_EMBEDDED, ks)
+        y1 = _combine(tab.b, ks, y0)
+        y_error = _combine(tab.b - tab.b_embedded, ks)
         f1 = terms.vf(t1, y1, args)
-        k0 = jax.tree.map(lambda x: h * x, f0)
-        k1 = jax.tree.map(lambda x: h * x, f1)
-        dense_info = dict(y0=y0, y1=y1, k0=k0, k1=k1)
-        return y1, y_error, dense_info, (f1, jac, age), dfx.RESULTS.successful
+        dense_info = dict(y0=y0, y1=y1, k0=jax.tree.map(lambda x: h * x, f0),
+                          k1=jax.tree.map(lambda x: h * x, f1))
+        return y1, y_error, dense_info, f1, jac, age, fresh
 
     def func(self, terms, t0, y0, args):
         return terms.vf(t0, y0, args)
+
+
+# --- the default: explicit while the flow is not stiff, Rosenbrock-W once it is -------
+
+_TSIT5 = dfx.Tsit5.tableau
+_TSIT5_STAGES = len(_TSIT5.b_sol)
+_TSIT5_A = np.zeros((_TSIT5_STAGES, _TSIT5_STAGES))  # row i: the stage-i argument's weights
+for _i, _row in enumerate(_TSIT5.a_lower):
+    _TSIT5_A[_i + 1, : len(_row)] = _row
+_TSIT5_C = np.concatenate([[0.0], _TSIT5.c])
+
+
+def _tsit5_step(terms, t0, t1, y0, args, f0):
+    """One Tsit5 step (Diffrax's tableau), first-same-as-last from `f0` = f(y0):
+    `(y1, y_error, k, f1, y6)` with `k` the stacked stage increments h·f_i (what
+    Tsit5's interpolation takes) and `y6` the argument of the sixth stage.
+
+    A `lax.scan` over the stages, so that both forward and reverse mode differentiate
+    it (Diffrax's own loop over the stages is set per adjoint by `diffeqsolve`, which
+    does not look inside this solver)."""
+    h = t1 - t0
+    fs = jax.tree.map(lambda f: jnp.zeros((_TSIT5_STAGES,) + f.shape, f.dtype).at[0].set(f), f0)
+    dot = lambda w, stack: jax.tree.map(
+        lambda s: jnp.tensordot(jnp.asarray(w, s.dtype), s, axes=1), stack)
+    add = lambda y, increment: jax.tree.map(lambda a, b: a + h * b, y, increment)
+
+    def stage(fs, i):
+        weights = jnp.asarray(_TSIT5_A)[i]
+        f = terms.vf(t0 + jnp.asarray(_TSIT5_C)[i] * h, add(y0, dot(weights, fs)), args)
+        return jax.tree.map(lambda buf, x: buf.at[i].set(x), fs, f), None
+
+    fs, _ = lax.scan(stage, fs, jnp.arange(1, _TSIT5_STAGES))
+    y1 = add(y0, dot(_TSIT5.b_sol, fs))
+    y_error = jax.tree.map(lambda e: h * e, dot(_TSIT5.b_error, fs))
+    y6 = add(y0, dot(_TSIT5_A[_TSIT5_STAGES - 2], fs))
+    f1 = jax.tree.map(lambda s: s[-1], fs)
+    return y1, y_error, jax.tree.map(lambda s: h * s, fs), f1, y6
+
+
+class _SwitchedInterpolation(dfx.AbstractLocalInterpolation):
+    """Dense output of a step of `AutoStiff`: Tsit5's own interpolation after an
+    explicit step, the cubic Hermite one (from `k[0]`, `k[1]`) after a W step."""
+
+    t0: jax.Array
+    t1: jax.Array
+    y0: object
+    y1: object
+    k: object
+    stiff: jax.Array
+
+    def evaluate(self, t0, t1=None, left=True):
+        explicit = dfx.Tsit5.interpolation_cls(t0=self.t0, t1=self.t1, y0=self.y0,
+                                               y1=self.y1, k=self.k)
+        hermite = dfx.ThirdOrderHermitePolynomialInterpolation(
+            t0=self.t0, t1=self.t1, y0=self.y0, y1=self.y1,
+            k0=jax.tree.map(lambda k: k[0], self.k), k1=jax.tree.map(lambda k: k[1], self.k))
+        return jax.tree.map(lambda a, b: jnp.where(self.stiff, b, a),
+                            explicit.evaluate(t0, t1, left), hermite.evaluate(t0, t1, left))
+
+
+class _SwitchState(eqx.Module):
+    f0: object  # f(y0)
+    jac: object  # the W step's linearisation (stale while explicit)
+    age: jax.Array
+    stiff: jax.Array  # the mode
+    count: jax.Array  # explicit: stability-limited steps; stiff: steps an explicit one would take
+    calm: jax.Array  # explicit: consecutive steps that were not stability-limited
+    explicit_steps: jax.Array  # accepted steps of each kind, and linearisations
+    stiff_steps: jax.Array
+    refreshes: jax.Array
+
+
+class AutoStiff(dfx.AbstractAdaptiveSolver):
+    """Explicit steps while the flow is not stiff, Rosenbrock-W steps once stiffness
+    limits the step, and back (the default solver, like LSODA or DifferentialEquations.jl's
+    `AutoTsit5(Rosenbrock23())`).
+
+    **Switching.** After every explicit Tsit5 step the stiffness is estimated from two
+    of its stages at the same time, $h\\rho\\approx\\|k_7-k_6\\|/\\|y_1-\\hat y_6\\|$
+    (Hairer & Wanner's test for Dormand–Prince). When $h\\rho$ exceeds the explicit
+    stability boundary `boundary` on `stiff_after` accepted steps (with no run of six
+    calm steps between), the step is limited by stability, not accuracy: the solver
+    switches to the W method. In W mode it compares $h\\lambda$, $\\lambda$ the
+    stiffness approximation's largest curvature, with 1: after `explicit_after`
+    accepted steps with $h\\lambda<1$ an explicit step of that size would be stable
+    with room to spare, so it switches back. Under `jax.vmap` (sweeps) a step is a
+    W step for every member once any member is in W mode.
+
+    **Arguments:**
+
+    - `stiff`: the [`gradflow.RosenbrockW`][] used once the flow is stiff.
+    - `stiff_after`, `explicit_after`: the patience of the two switches.
+    - `boundary`: Tsit5's stability boundary on the negative real axis ($h\\rho$ above
+      it means the step is stability-limited); 3.25 as in Hairer & Wanner.
+
+    The error estimates of the two methods are of orders 5 and 3; the step-size
+    controller is told 4.
+    """
+
+    stiff: RosenbrockW = RosenbrockW()
+    stiff_after: int = eqx.field(static=True, default=15)
+    explicit_after: int = eqx.field(static=True, default=15)
+    boundary: float = eqx.field(static=True, default=3.25)
+    term_structure: ClassVar = dfx.AbstractTerm
+    interpolation_cls: ClassVar = _SwitchedInterpolation
+    evaluations: ClassVar[dict] = {"explicit_steps": 6, "stiff_steps": ROS34PW2.stages}
+    """Gradient evaluations per accepted step of each kind (Tsit5 is first-same-as-last)."""
+
+    def order(self, terms):
+        return 4
+
+    def init(self, terms, t0, t1, y0, args):
+        # The linearisation's structure only: it is built at the first W step.
+        shape = eqx.filter_eval_shape(self.stiff.linearise, y0, args)
+        jac = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shape)
+        zero = jnp.array(0)
+        return _SwitchState(terms.vf(t0, y0, args), jac, jnp.array(self.stiff.refresh_every),
+                            jnp.array(False), zero, zero, zero, zero, zero)
+
+    def step(self, terms, t0, t1, y0, args, state, made_jump):
+        h = t1 - t0
+
+        def explicit(state):
+            y1, y_error, k, f1, y6 = _tsit5_step(terms, t0, t1, y0, args, state.f0)
+            num = _norm(jax.tree.map(lambda x: x[6] - x[5], k))
+            den = _norm(jax.tree.map(jnp.subtract, y1, y6))
+            limited = num > self.boundary * den
+            calm = jnp.where(limited, 0, state.calm + 1)
+            count = jnp.where(limited, state.count + 1, jnp.where(calm >= 6, 0, state.count))
+            switch = count >= self.stiff_after
+            new = eqx.tree_at(
+                lambda s: (s.f0, s.stiff, s.count, s.calm, s.explicit_steps, s.age), state,
+                (f1, switch, jnp.where(switch, 0, count), jnp.where(switch, 0, calm),
+                 state.explicit_steps + 1, jnp.array(self.stiff.refresh_every)))
+            info = dict(y0=y0, y1=y1, k=k, stiff=jnp.array(False))
+            return y1, y_error, info, new, dfx.RESULTS.successful
+
+        def implicit(state):
+            y1, y_error, dense, f1, jac, age, fresh = self.stiff.w_step(
+                terms, t0, t1, y0, args, state.f0, state.jac, state.age)
+            easy = jnp.abs(h) * jac.curvature() < 1.0
+            # (a member still in explicit mode, stepping with the others, keeps its count)
+            count = jnp.where(state.stiff, jnp.where(easy, state.count + 1, 0), state.count)
+            back = state.stiff & (count >= self.explicit_after)
+            new = eqx.tree_at(
+                lambda s: (s.f0, s.jac, s.age, s.stiff, s.count, s.stiff_steps, s.refreshes),
+                state, (f1, jac, jnp.where(back, self.stiff.refresh_every, age),
+                        state.stiff & ~back, jnp.where(back, 0, count), state.stiff_steps + 1,
+                        state.refreshes + fresh.astype(state.refreshes.dtype)))
+            k = jax.tree.map(
+                lambda k0, k1: jnp.zeros((_TSIT5_STAGES,) + k0.shape, k0.dtype).at[0].set(
+                    k0).at[1].set(k1), dense["k0"], dense["k1"])
+            info = dict(y0=y0, y1=y1, k=k, stiff=jnp.array(True))
+            return y1, y_error, info, new, dfx.RESULTS.successful
+
+        return lax.cond(eqxi.unvmap_any(state.stiff), implicit, explicit, state)
+
+    def func(self, terms, t0, y0, args):
+        return terms.vf(t0, y0, args)
+
+    def statistics(self, state: _SwitchState) -> dict:
+        """Counts of a finished solve from its final solver state: accepted explicit
+        and W steps, and linearisations built."""
+        return dict(explicit_steps=state.explicit_steps, stiff_steps=state.stiff_steps,
+                    linearisations=state.refreshes)
+
+
+def _norm(tree):
+    return jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(tree)))
+
+
+def default_solver(model) -> dfx.AbstractAdaptiveSolver:
+    """The solver [`gradflow.flow`][] uses when none is given.
+
+    **Arguments:**
+
+    - `model`: the initial factorization.
+
+    **Returns:** `AutoStiff(RosenbrockW(default_stiffness(model)))`
+    ([`gradflow.AutoStiff`][]): explicit Tsit5 steps while the flow is not stiff, and
+    Rosenbrock-W steps with the stiffness approximation the model offers
+    ([`gradflow.default_stiffness`][]) once it is, so that its cost stays nearly flat
+    as the init scale shrinks.
+    """
+    return AutoStiff(RosenbrockW(default_stiffness(model)))

@@ -1,11 +1,19 @@
 """Approximate Jacobians of the gradient-flow vector field for Rosenbrock-W steps.
 
 Gradient flow near a saddle-to-saddle plateau is stiff: the components already
-learned have large curvature while the next one is still escaping (DESIGN.md). The
-stiff directions are the weights of those few large components, so an approximate
-Jacobian that is *exact* on them and zero elsewhere removes the stiffness at the
-cost of a small dense Hessian. A W-method keeps its order for any approximation, so
+learned have large curvature while the next one is still escaping. The stiff
+directions are the weights of those few large components, so an approximate Jacobian
+that is close to the Hessian on them and zero elsewhere removes the stiffness at the
+cost of a small dense matrix. A W-method keeps its order for any approximation, so
 the choice affects only speed, never accuracy.
+
+- [`gradflow.LargestComponents`][]: the Gauss–Newton block of the largest components
+  of a model that offers blocks (CP, HTF; any
+  `gradflow.AbstractBlockFactorization`).
+- [`gradflow.GaussNewtonSubspace`][]: model-agnostic, the top eigenspace of the
+  Gauss–Newton matrix found from the model's predictions alone (JVPs and VJPs).
+- [`gradflow.DenseHessian`][]: the exact Hessian of all weights, for tiny models.
+- [`gradflow.Explicit`][]: none ($W = 0$).
 """
 
 import abc
@@ -14,42 +22,50 @@ import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
+import jax.random as jr
 from jax.flatten_util import ravel_pytree
+from jaxtyping import Array, Float
 
-from .models.base import AbstractAdditiveFactorization
+from .models.base import AbstractBlockFactorization
 
 
 class AbstractLinearisation(eqx.Module):
-    """A matrix $W \\approx \\partial f/\\partial y$ of the vector field $f=-\\nabla\\phi$."""
+    """A matrix $W \\approx \\partial f/\\partial y$ of the vector field $f=-\\nabla\\phi$,
+    with $-W$ positive semidefinite."""
 
     @abc.abstractmethod
     def matvec(self, x):
         """$W x$."""
 
     @abc.abstractmethod
-    def solve(self, c, x):
-        """$(I - cW)^{-1} x$ for a scalar $c \\ge 0$."""
-
     def shifted(self, c):
-        """$x \\mapsto (I - cW)^{-1} x$, for several $x$ with the same $c$ (one
-        factorization, where `solve` would factor each time)."""
-        return lambda x: self.solve(c, x)
+        """$x \\mapsto (I - cW)^{-1} x$ for a scalar $c \\ge 0$ (factored once, applied
+        to several $x$)."""
+
+    @abc.abstractmethod
+    def curvature(self) -> Float[Array, ""]:
+        """An estimate of the largest eigenvalue of $-W$: the stiffest curvature, whose
+        product with the step size says whether an explicit step would be stable."""
 
 
 class AbstractStiffness(eqx.Module):
     """How a Rosenbrock-W solver approximates the Jacobian at a state."""
 
     @abc.abstractmethod
-    def linearise(self, model, objective) -> AbstractLinearisation:
-        """The approximate Jacobian at `model`."""
+    def linearise(self, model, objective, previous=None) -> AbstractLinearisation:
+        """The approximate Jacobian at `model`; `previous` is the last one built (or
+        None), for methods that refine it (warm starts)."""
 
 
 class _ZeroLinearisation(AbstractLinearisation):
     def matvec(self, x):
         return jax.tree.map(jnp.zeros_like, x)
 
-    def solve(self, c, x):
-        return x
+    def shifted(self, c):
+        return lambda x: x
+
+    def curvature(self):
+        return jnp.zeros(())
 
 
 class Explicit(AbstractStiffness):
@@ -58,84 +74,133 @@ class Explicit(AbstractStiffness):
     **Arguments:** none.
     """
 
-    def linearise(self, model, objective):
+    def linearise(self, model, objective, previous=None):
         return _ZeroLinearisation()
 
 
-class _BlockLinearisation(AbstractLinearisation):
-    """A linearisation that acts on the weights of some components only."""
-
-    components: eqx.AbstractVar[jax.Array]
-    template: eqx.AbstractVar[AbstractAdditiveFactorization]
-
-    def _gather(self, x):
-        return ravel_pytree(x.take(self.components))[0]
-
-    def _scatter(self, x, v):
-        unravel = ravel_pytree(self.template)[1]
-        return x.put(self.components, unravel(v))
+def _power_curvature(matvec, size: int, dtype, iterations: int = 12) -> Float[Array, ""]:
+    """The largest eigenvalue of a PSD operator by power iteration (a lower estimate
+    that converges from below; 1.1x for safety)."""
+    x = jnp.ones(size, dtype) + jnp.linspace(0.0, 1.0, size, dtype=dtype)
+    x = x / jnp.linalg.norm(x)
+    for _ in range(iterations):
+        y = matvec(x)
+        x = y / jnp.maximum(jnp.linalg.norm(y), jnp.finfo(dtype).tiny)
+    return 1.1 * jnp.vdot(x, matvec(x))
 
 
-class _SubspaceLinearisation(_BlockLinearisation):
-    """$W = -V\\,\\mathrm{diag}(\\lambda)V^\\top$ on the block, from an eigendecomposition."""
+class _EigenLinearisation(AbstractLinearisation):
+    """$W=-V\\,\\mathrm{diag}(\\lambda)V^\\top$ in flat coordinates `flatten`/`unflatten`
+    of the state, with orthonormal $V$ (an eigendecomposition or a subspace)."""
 
-    components: jax.Array
-    eigvecs: jax.Array
-    curvatures: jax.Array
-    template: AbstractAdditiveFactorization
+    eigvecs: Float[Array, "n k"]
+    curvatures: Float[Array, " k"]
+
+    @abc.abstractmethod
+    def flatten(self, x) -> Float[Array, " n"]: ...
+
+    @abc.abstractmethod
+    def unflatten(self, x, v): ...
 
     def matvec(self, x):
-        v = self.eigvecs @ (-self.curvatures * (self.eigvecs.T @ self._gather(x)))
-        zero = jax.tree.map(jnp.zeros_like, x)
-        return self._scatter(zero, v)
+        v = self.eigvecs @ (-self.curvatures * (self.eigvecs.T @ self.flatten(x)))
+        return self.unflatten(jax.tree.map(jnp.zeros_like, x), v)
 
-    def solve(self, c, x):
-        v = self._gather(x)
+    def shifted(self, c):
         damp = c * self.curvatures / (1.0 + c * self.curvatures)
-        v = v - self.eigvecs @ (damp * (self.eigvecs.T @ v))
-        return self._scatter(x, v)
+
+        def solve(x):
+            v = self.flatten(x)
+            return self.unflatten(x, v - self.eigvecs @ (damp * (self.eigvecs.T @ v)))
+
+        return solve
+
+    def curvature(self):
+        return jnp.max(self.curvatures, initial=0.0)
 
 
-class _CholeskyLinearisation(_BlockLinearisation):
-    """$W = -H$ on the weights of `components`, with $H$ positive semidefinite, so
-    $I - cW = I + cH$ is factored by Cholesky (no eigendecomposition)."""
+class _FlatEigen(_EigenLinearisation):
+    """On all weights."""
 
-    components: jax.Array
-    hessian: jax.Array
-    template: AbstractAdditiveFactorization
+    eigvecs: Float[Array, "n k"]
+    curvatures: Float[Array, " k"]
+
+    def flatten(self, x):
+        return ravel_pytree(x)[0]
+
+    def unflatten(self, x, v):
+        return ravel_pytree(x)[1](v)
+
+
+class _Block(eqx.Module):
+    """Flat coordinates of the weights of a block (`selection` of a block model)."""
+
+    selection: object
+    template: AbstractBlockFactorization
+
+    def flatten(self, x):
+        return ravel_pytree(x.take(self.selection))[0]
+
+    def unflatten(self, x, v):
+        return x.put(self.selection, ravel_pytree(self.template)[1](v))
+
+
+class _BlockEigen(_Block, _EigenLinearisation):
+    r"""$W=-V\,\mathrm{diag}(\lambda)V^\top$ on the weights of a block."""
+
+    eigvecs: Float[Array, "n k"]
+    curvatures: Float[Array, " k"]
+    selection: object
+    template: AbstractBlockFactorization
+
+
+class _CholeskyBlock(_Block, AbstractLinearisation):
+    r"""$W=-H$ on the weights of a block, with $H$ positive semidefinite, so
+    $I - cW = I + cH$ is factored by Cholesky (no eigendecomposition).
+
+    (JAX's `cho_factor`, not Lineax's `Cholesky`: Lineax compares the vector's
+    sharding with the operator's, which differ inside the `shard_map` of a sweep.)
+    """
+
+    hessian: Float[Array, "n n"]
+    largest: Float[Array, ""]
+    selection: object
+    template: AbstractBlockFactorization
 
     def matvec(self, x):
-        zero = jax.tree.map(jnp.zeros_like, x)
-        return self._scatter(zero, -(self.hessian @ self._gather(x)))
-
-    def solve(self, c, x):
-        return self.shifted(c)(x)
+        return self.unflatten(jax.tree.map(jnp.zeros_like, x), -(self.hessian @ self.flatten(x)))
 
     def shifted(self, c):
         eye = jnp.eye(self.hessian.shape[0], dtype=self.hessian.dtype)
         factor = jax.scipy.linalg.cho_factor(eye + c * self.hessian)
-        return lambda x: self._scatter(x, jax.scipy.linalg.cho_solve(factor, self._gather(x)))
+        return lambda x: self.unflatten(x, jax.scipy.linalg.cho_solve(factor, self.flatten(x)))
+
+    def curvature(self):
+        return self.largest
 
 
 class LargestComponents(AbstractStiffness):
     """The Hessian block of the `size` largest components' weights, zero elsewhere.
 
-    The block Hessian comes from a loss restricted to those components (the others
-    fixed), so its cost is that of a model with `size` components. The Gauss–Newton
-    block is positive semidefinite; the exact one can have negative curvature
-    (escaping directions), which is not damped: its eigenvalues are clipped at zero.
+    For a model that offers blocks (`gradflow.AbstractBlockFactorization`:
+    CP's components, HTF's local components at every node with the rows and columns
+    of each matrix that connect them), the block's weights are cut out as a small
+    model of the same kind, so the cost does not grow with the model's size. The
+    Gauss–Newton block is positive semidefinite and factored by Cholesky once per
+    step; the exact one can have negative curvature (escaping directions), which is
+    not damped: its eigenvalues are clipped at zero.
 
     **Arguments:**
 
-    - `size`: how many components (by norm) to treat implicitly. It should exceed the
-      number of components the flow learns; beyond that it only costs time.
-    - `hessian`: `"gauss-newton"` (default) for the Gauss–Newton part
-      $J^\\top\\nabla^2\\ell\\,J$ of the block, with $J$ the Jacobian of the predictions
-      in the block's weights and $\\nabla^2\\ell$ the loss's Hessian in the predictions;
-      `"exact"` for the whole block Hessian. They differ by the residual-weighted
-      curvature of the predictions, which vanishes as the fit improves; Gauss–Newton
-      takes about 5% more steps on the benchmark problem and its rebuild costs ~7x less
-      (`benchmarks/`), and a W-method is exact to its order with either.
+    - `size`: how many components (by norm; per node for HTF) to treat implicitly.
+      It should exceed the number the flow learns; beyond that it only costs time.
+    - `hessian`: `"gauss-newton"` (default) for $J^\\top\\nabla^2\\ell\\,J$, with $J$
+      the Jacobian of the sub-model's predictions in its weights (closed form for CP
+      and HTF; exact for an additive model, and for HTF exact up to the paths
+      through unselected, small components) and $\\nabla^2\\ell$ the loss's Hessian
+      at the whole model's predictions; `"exact"` (additive models only) for the
+      whole block Hessian. They differ by the residual-weighted curvature of the
+      predictions, which vanishes as the fit improves.
     """
 
     size: int = eqx.field(static=True, default=8)
@@ -146,44 +211,93 @@ class LargestComponents(AbstractStiffness):
             raise ValueError(
                 f"`hessian` must be 'gauss-newton' or 'exact', got {self.hessian!r}."
             )
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
+            raise ValueError(f"`size` must be a positive int, got {self.size!r}.")
 
-    def linearise(self, model, objective):
-        if not isinstance(model, AbstractAdditiveFactorization):
+    @staticmethod
+    def supports(model) -> bool:
+        """Whether `model` offers blocks of its largest components."""
+        return isinstance(model, AbstractBlockFactorization)
+
+    def linearise(self, model, objective, previous=None):
+        if not self.supports(model):
             raise TypeError(
-                f"`LargestComponents` needs an additive model (CP), got "
-                f"{type(model).__name__}; use `Explicit()`."
+                f"`LargestComponents` needs a model with blocks (CP, HTF), got "
+                f"{type(model).__name__}; use `GaussNewtonSubspace()`."
             )
-        k = min(self.size, model.component_norms().shape[0])
-        _, components = lax.top_k(model.component_norms(), k)
-        sub = model.take(components)
+        selection = model.select(self.size)
+        sub = model.take(selection)
         predictions = objective.predict(model)
         if self.hessian == "gauss-newton":
             jac = objective.prediction_jacobian(sub)  # (observations, block weights)
             loss_hvp = lambda u: jax.jvp(jax.grad(objective.loss_at), (predictions,), (u,))[1]
             hessian = jac.T @ jax.vmap(loss_hvp, in_axes=1, out_axes=1)(jac)
-            return _CholeskyLinearisation(components, 0.5 * (hessian + hessian.T), sub)
+            hessian = 0.5 * (hessian + hessian.T)
+            largest = _power_curvature(lambda v: hessian @ v, hessian.shape[0], hessian.dtype)
+            return _CholeskyBlock(selection=selection, template=sub, hessian=hessian,
+                                  largest=largest)
+        if not model.additive:
+            raise TypeError(
+                f"`hessian='exact'` needs an additive model (CP), got {type(model).__name__}."
+            )
         flat, unravel = ravel_pytree(sub)
         base = predictions - objective.predict(sub)
         restricted = lambda v: objective.loss_at(base + objective.predict(unravel(v)))
         hessian = jax.hessian(restricted)(flat)
         curvatures, eigvecs = jnp.linalg.eigh(0.5 * (hessian + hessian.T))
-        return _SubspaceLinearisation(
-            components, eigvecs, jnp.maximum(curvatures, 0.0), sub
-        )
+        return _BlockEigen(selection=selection, template=sub, eigvecs=eigvecs,
+                           curvatures=jnp.maximum(curvatures, 0.0))
 
 
-class _DenseLinearisation(AbstractLinearisation):
-    eigvecs: jax.Array
-    curvatures: jax.Array
+class GaussNewtonSubspace(AbstractStiffness):
+    """Model-agnostic: the top-`rank` eigenspace of the Gauss–Newton matrix
+    $G=J^\\top\\nabla^2\\ell\\,J$ of all weights, from the model's predictions alone.
 
-    def matvec(self, x):
-        flat, unravel = ravel_pytree(x)
-        return unravel(self.eigvecs @ (-self.curvatures * (self.eigvecs.T @ flat)))
+    $G$ is applied to `rank` vectors at once by a batched JVP of the predictions, the
+    loss's Hessian in the predictions and a batched VJP — nothing is asked of the
+    model beyond `predict`, so any `gradflow.AbstractFactorization` (deep matrices,
+    your own models) gets a stiff-capable solver. The subspace is found by subspace
+    iteration, warm-started from the previous one at every refresh, with a
+    Rayleigh–Ritz step; $W=-V\\Lambda V^\\top$ on it.
 
-    def solve(self, c, x):
-        flat, unravel = ravel_pytree(x)
-        damp = c * self.curvatures / (1.0 + c * self.curvatures)
-        return unravel(flat - self.eigvecs @ (damp * (self.eigvecs.T @ flat)))
+    **Arguments:**
+
+    - `rank`: the dimension of the subspace (the number of stiff directions handled).
+    - `iterations`: subspace iterations per refresh (the first build does 4x more).
+    """
+
+    rank: int = eqx.field(static=True, default=16)
+    iterations: int = eqx.field(static=True, default=2)
+
+    def __check_init__(self):
+        for name in ("rank", "iterations"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+
+    def linearise(self, model, objective, previous=None):
+        flat, unravel = ravel_pytree(model)
+        predict = lambda v: objective.predict(unravel(v))
+        predictions, pullback = jax.vjp(predict, flat)
+        loss_hvp = lambda u: jax.jvp(jax.grad(objective.loss_at), (predictions,), (u,))[1]
+
+        def gauss_newton(v):
+            return pullback(loss_hvp(jax.jvp(predict, (flat,), (v,))[1]))[0]
+
+        apply = lambda basis: jax.vmap(gauss_newton, in_axes=1, out_axes=1)(basis)
+        k = min(self.rank, flat.size)
+        start = jr.normal(jr.key(0), (flat.size, k), flat.dtype)
+        if isinstance(previous, _FlatEigen) and previous.eigvecs.shape == (flat.size, k):
+            # warm start (a placeholder of zeros, before the first build, starts cold)
+            empty = jnp.all(previous.eigvecs == 0)
+            basis, rounds = jnp.where(empty, start, previous.eigvecs), self.iterations
+        else:
+            basis, rounds = start, 4 * self.iterations
+        for _ in range(rounds):
+            basis = jnp.linalg.qr(apply(basis))[0]
+        projected = basis.T @ apply(basis)
+        curvatures, rotation = jnp.linalg.eigh(0.5 * (projected + projected.T))
+        return _FlatEigen(basis @ rotation, jnp.maximum(curvatures, 0.0))
 
 
 class DenseHessian(AbstractStiffness):
@@ -196,8 +310,23 @@ class DenseHessian(AbstractStiffness):
     **Arguments:** none.
     """
 
-    def linearise(self, model, objective):
+    def linearise(self, model, objective, previous=None):
         flat, unravel = ravel_pytree(model)
         hessian = jax.hessian(lambda v: objective(unravel(v)))(flat)
         curvatures, eigvecs = jnp.linalg.eigh(0.5 * (hessian + hessian.T))
-        return _DenseLinearisation(eigvecs, jnp.maximum(curvatures, 0.0))
+        return _FlatEigen(eigvecs, jnp.maximum(curvatures, 0.0))
+
+
+def default_stiffness(model) -> AbstractStiffness:
+    """The stiffness approximation [`gradflow.default_solver`][] uses for `model`.
+
+    **Arguments:**
+
+    - `model`: a factorization.
+
+    **Returns:** `LargestComponents()` for models that offer blocks of their largest
+    components (CP, HTF), else the model-agnostic `GaussNewtonSubspace()`.
+    """
+    return LargestComponents() if LargestComponents.supports(model) else GaussNewtonSubspace()
+
+

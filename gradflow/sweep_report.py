@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from . import plotting
-from .sweep import SweepResult, sweep
+from ._sweep import SweepResult, sweep
 
 
 def parse_scales(text: str) -> np.ndarray:

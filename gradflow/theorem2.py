@@ -32,7 +32,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .analysis.closed_forms import constant_gamma_hitting_time
 from .analysis.verdict import Verdict
-from .flow import flow
+from ._flow import flow
 from .models.cp import CP
 from .objectives import Completion, HuberLoss
 

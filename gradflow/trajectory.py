@@ -8,16 +8,7 @@ from typing import Any
 import jax
 import numpy as np
 
-STOPPED_OK = ("t1", "loss", "radius")
-STATUS_TEXT = {
-    "t1": "reached the final time t1",
-    "loss": "stopped: loss fell below loss_tol",
-    "radius": "stopped: end tensor reached the sphere of radius `radius`",
-    "max_steps": "FAILED: max_steps reached before any stop condition",
-    "non_finite": "FAILED: the state or loss became non-finite",
-    "step_underflow": "FAILED: step size underflowed (t + dt == t)",
-    "failed": "FAILED: the solver reported an error",
-}
+from ._status import Status
 
 
 @dataclasses.dataclass
@@ -54,11 +45,12 @@ class Trajectory:
     @property
     def ok(self) -> bool:
         """True when a stop condition (t1, loss or radius) ended the solve."""
-        return self.status in STOPPED_OK
+        return Status.of(self.status).finished
 
     @property
     def reason(self) -> str:
-        return STATUS_TEXT.get(self.status, self.status)
+        """What the status means, in words."""
+        return Status.of(self.status).message
 
     def __getitem__(self, name: str):
         return self.observations[name]
@@ -140,7 +132,7 @@ class Trajectory:
         unpack = lambda d: {k: v[0] if len(v) == 1 else v for k, v in d.items()}
         model = model_leaves
         if like is not None:
-            model = jax.tree.unflatten(jax.tree.structure(like), model_leaves)
+            model = _rebuild(like, model_leaves, meta.get("model_class"), path)
         return cls(
             ts=ts,
             observations=unpack(groups["obs"]),
@@ -151,6 +143,20 @@ class Trajectory:
             stats=meta["stats"],
             config=meta["config"],
         )
+
+
+def _rebuild(like, leaves, saved_class, path):
+    """`like`'s structure filled with `leaves`, checked against what was saved."""
+    if saved_class is not None and type(like).__name__ != saved_class:
+        raise ValueError(
+            f"`like`: {path} holds a {saved_class} model, got a {type(like).__name__}.")
+    template = jax.tree.leaves(like)
+    shapes = [tuple(np.shape(x)) for x in template]
+    saved = [tuple(x.shape) for x in leaves]
+    if shapes != saved:
+        raise ValueError(
+            f"`like`: {path} holds weights of shapes {saved}, but `like` has {shapes}.")
+    return jax.tree.unflatten(jax.tree.structure(like), leaves)
 
 
 def _natural(key: str):

@@ -10,7 +10,7 @@ import optimistix as optx
 import pytest
 
 import gradflow as gf
-from gradflow.flow import _Bracketing
+from gradflow._solve import StopTime
 from gradflow.analysis import cp as acp
 from gradflow.analysis.closed_forms import constant_gamma_hitting_time, logistic, product_flow_time
 
@@ -162,9 +162,9 @@ def _block(stiffness, model, objective):
     """The block matrix -W a `LargestComponents` stiffness builds (negative curvature
     clipped), column by column through `matvec`."""
     lin = stiffness.linearise(model, objective)
-    sub = model.take(lin.components)
+    sub = model.take(lin.selection)
     flat, unravel = jax.flatten_util.ravel_pytree(sub)
-    column = lambda e: -lin._gather(lin.matvec(model.put(lin.components, unravel(e))))
+    column = lambda e: -lin.flatten(lin.matvec(model.put(lin.selection, unravel(e))))
     return jax.vmap(column, out_axes=1)(jnp.eye(flat.size))
 
 
@@ -193,8 +193,8 @@ def test_largest_components_rejects_unknown_hessian():
 def test_stop_time_bracketed_despite_noisy_condition():
     # Near a stop the loss can carry rounding noise far above 1e-12 of its value; the
     # stop time must still be located (to the bracket width), not reported as failed.
-    noisy = lambda t, _: (t - 0.3) / 0.3 + 1e-8 * jnp.sin(1e7 * t)
-    sol = optx.root_find(noisy, _Bracketing(rtol=1e-13, atol=1e-300), 1.0,
+    noisy = lambda t, _: (0.3 - t) / 0.3 + 1e-8 * jnp.sin(1e7 * t)  # a margin: > 0, then <= 0
+    sol = optx.root_find(noisy, StopTime(rtol=1e-13, atol=1e-300), 1.0,
                          options={"lower": 0.0, "upper": 1.0}, throw=False)
     assert sol.result == optx.RESULTS.successful
     assert abs(float(sol.value) - 0.3) < 1e-8

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import gradflow as gf
-from gradflow.flow import FinalState, final_state
+from gradflow import FinalState, final_state
 
 RTOL = 1e-12  # solve tolerance; the derivatives agree to <1e-6 (measured), asserted 1e-5
 STEPS = np.array([1e-5, 1e-5, 1e-5])  # finite-difference steps in (α, s, u)
@@ -121,15 +121,17 @@ def test_escape_time_derivative_exact():
 
 def test_vmap_matches_flow_and_members_without_a_stop():
     # final_state runs the same solve as flow (identical t and model); under vmap a
-    # member that starts outside the sphere has no stop, runs to t1, and must not
-    # disturb the others (Diffrax root-finds all members once any stop fired).
+    # member that starts outside the sphere stops at t = 0, one that never reaches it
+    # runs to t1, and neither disturbs the others (Diffrax root-finds all members once
+    # any stop fired).
     _, objective, directions, _, _ = cp_problem()
     kw = dict(radius=3.0, solver=dfx.Tsit5(), rtol=1e-10)
-    alphas = jnp.array([0.2, 0.3, 1.0])
+    alphas = jnp.array([0.2, 0.3, 1.0, 0.01])
     batch = jax.vmap(lambda a: final_state(
         jax.tree.map(lambda x: a * x, directions), objective, t1=100.0, **kw))(alphas)
     assert isinstance(batch, FinalState)
-    np.testing.assert_array_equal(batch.status, [2, 2, 0])  # radius, radius, t1
+    np.testing.assert_array_equal(batch.status, [2, 2, 2, 0])  # radius x 3, t1
+    assert float(batch.t[2]) == 0.0
     assert bool(jnp.all(batch.ok))
     for i, a in enumerate(alphas):
         tr = gf.flow(jax.tree.map(lambda x: a * x, directions), objective, t1=100.0, **kw)

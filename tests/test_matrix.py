@@ -41,7 +41,7 @@ def test_aligned_full_observation_logistic_l2():  # §5.2 with §5.1's L = 2 clo
     # the objective averages over the m = 12 entries, THEORY sums: flow time = m × theory time
     ts = np.linspace(0, 10 * m, 50)
     tr = gf.flow(model, objective, t1=ts[-1], save_times=ts, **TIGHT)
-    assert tr.ok and tr.config["solver"] == "Tsit5"  # gf.flow's default for non-CP models
+    assert tr.ok and tr.config["solver"] == "AutoStiff"  # gf.flow's default for every model
     sigma = tr["component_norms"]
     expected = np.stack([logistic(ts / m, s0, yr) for s0, yr in zip(sigma0, y)], axis=1)
     np.testing.assert_allclose(sigma, expected, rtol=1e-8, atol=1e-12)

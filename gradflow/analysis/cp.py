@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
+from .. import observers as _observers
 from ..models.cp import CP
-from ..vector_field import rate_along_flow
 from .verdict import Verdict, relative_max
 
 
@@ -23,8 +23,7 @@ def squared_norm_gaps(model: CP) -> Float[Array, "N R"]:
 
 def unbalancedness(model: CP) -> Float[Array, ""]:
     r"""$\epsilon=\max_{r,n,\bar n}\big|\|\mathbf w_r^n\|^2-\|\mathbf w_r^{\bar n}\|^2\big|$ (Definition 1, §3.3)."""
-    sq = model.vector_norms() ** 2
-    return jnp.max(sq.max(axis=0) - sq.min(axis=0))
+    return _observers.unbalancedness(None, model, None)
 
 
 def gammas(model: CP, objective) -> Float[Array, " R"]:
@@ -32,15 +31,12 @@ def gammas(model: CP, objective) -> Float[Array, " R"]:
 
     Uses $\gamma_r P_r=-\langle\mathbf w_r^1,\nabla_{\mathbf w_r^1}\phi\rangle$ (Euler's identity).
     """
-    grads = eqx.filter_grad(objective)(model)
-    inner = -jnp.sum(model.factors[0] * grads.factors[0], axis=0)
-    norms = model.component_norms()
-    return jnp.where(norms > 0, inner / jnp.where(norms > 0, norms, 1.0), 0.0)
+    return _observers.gammas(None, model, objective)
 
 
 def component_norm_rates(model: CP, objective) -> Float[Array, " R"]:
     r"""$\dot P_r$ under the flow, by the chain rule from $\dot{\mathbf w}=-\nabla\phi$."""
-    return rate_along_flow(lambda m: m.component_norms(), model, objective)
+    return _observers.component_norm_rates(None, model, objective)
 
 
 def identity_rate(model: CP, objective) -> Float[Array, " R"]:

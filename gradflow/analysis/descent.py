@@ -23,9 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
-from ..flow import flow
 from ..models.cp import CP
-from ..observers import BY_NAME
 from ..models.matrix import DeepMatrix
 from ..trajectory import Trajectory
 from . import cp as _cp
@@ -46,43 +44,6 @@ def flat_weights(t, model, objective) -> Float[Array, " p"]:
 # --- distance between trajectories --------------------------------------------------------
 
 
-def matched_flow(
-    trajectory: Trajectory, model, objective, *, observers=None, **flow_kwargs
-) -> Trajectory:
-    """Gradient flow from `model`, observed at the times of `trajectory`.
-
-    [`gradflow.flow`][] with `t1 = trajectory.ts[-1]` and `save_times = trajectory.ts`,
-    so [`trajectory_distance`][gradflow.analysis.descent.trajectory_distance] compares
-    the two at identical times (no interpolation error).
-
-    **Arguments:**
-
-    - `trajectory`: e.g. a [`gradflow.descent`][] result (its times must increase).
-    - `model`, `objective`: the initial model and objective of that run.
-    - `observers`: default: the names of `trajectory.observations` (pass callables
-      explicitly for observers that are not built-in names).
-    - `flow_kwargs`: passed on to [`gradflow.flow`][] (`rtol`, `atol`, `solver`, ...).
-
-    **Returns:** the flow's [`gradflow.Trajectory`][].
-    """
-    ts = np.asarray(trajectory.ts, dtype=float)
-    if ts.size < 2 or ts[-1] <= 0 or np.any(np.diff(ts) <= 0):
-        raise ValueError(
-            "`trajectory` times must be strictly increasing and end after 0 to match a "
-            f"flow to them, got {ts}."
-        )
-    if observers is None:
-        observers = list(trajectory.observations)
-        unknown = [name for name in observers if name not in BY_NAME]
-        if unknown:
-            raise ValueError(
-                f"`observers`: {unknown} are not built-in observer names; pass "
-                "`observers` (e.g. the dict given to `gradflow.descent`)."
-            )
-    t1 = float(ts[-1])
-    return flow(model, objective, t1=t1, save_times=ts, observers=observers, **flow_kwargs)
-
-
 def trajectory_distance(
     trajectory: Trajectory,
     reference: Trajectory,
@@ -95,7 +56,7 @@ def trajectory_distance(
     $x$ is the observation `name` (any pytree: its leaves are compared together, in
     the Frobenius norm). The reference is linearly interpolated in time onto
     `trajectory.ts`; where the times coincide (a reference from
-    [`matched_flow`][gradflow.analysis.descent.matched_flow]) this is exact, otherwise
+    [`gradflow.matched_flow`][]) this is exact, otherwise
     it adds an interpolation error of second order in the reference's save spacing.
 
     **Arguments:**

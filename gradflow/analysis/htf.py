@@ -24,7 +24,7 @@ from jaxtyping import Array, ArrayLike, Float, Int
 
 from ..models.base import AbstractFactorization
 from ..models.htf import HTF
-from ..vector_field import rate_along_flow, vector_field
+from .._vector_field import rate_along_flow, vector_field
 from .matrix import EIGEN_CUTOFF, effective_rank
 from .verdict import Verdict, relative_max, worst
 

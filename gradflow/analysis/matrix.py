@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
-from .._checks import check_positive
+from .._validate import check_positive
 from ..models.matrix import DeepMatrix
-from ..vector_field import rate_along_flow
+from .._vector_field import rate_along_flow
 from .verdict import Verdict, relative_max
 
 EIGEN_CUTOFF = 1e-12

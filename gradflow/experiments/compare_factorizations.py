@@ -34,7 +34,7 @@ from threadpoolctl import threadpool_limits
 from .. import plotting
 from ..analysis import cp as acp
 from ..analysis import matrix as am
-from ..data import random_cp_tensor, sample_indices
+from ..data import random_htf_tensor, random_cp_tensor, sample_indices
 from ..models.cp import CP
 from ..models.htf import HTF, ModeTree
 from ..models.matrix import DeepMatrix
@@ -42,7 +42,7 @@ from ..objectives import Completion
 from ..solvers import RosenbrockW
 from ..stiffness import LargestComponents
 from .htf_incremental import (SOLVERS, add_learning_phase_arguments, flow_through_escape,
-                              node_label, node_slices, random_htf_tensor, rank_summary,
+                              node_label, node_slices, rank_summary,
                               top_curves, x_axis, x_values)
 
 NAME = "compare-factorizations"

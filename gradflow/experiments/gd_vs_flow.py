@@ -23,8 +23,8 @@ import numpy as np
 from .. import plotting
 from ..analysis import descent as ad
 from ..data import random_cp_tensor, sample_indices
-from ..descent import descent
-from ..flow import flow
+from .._descent import descent
+from .._flow import flow
 from ..models.cp import CP
 from ..models.matrix import DeepMatrix
 from ..objectives import Completion

@@ -51,8 +51,8 @@ import numpy as np
 
 from .. import plotting
 from ..analysis import htf as ah
-from ..data import sample_indices
-from ..flow import flow
+from ..data import random_htf_tensor, sample_indices
+from .._flow import flow
 from ..models.htf import HTF, ModeTree
 from ..objectives import Completion
 from ..solvers import RosenbrockW
@@ -108,16 +108,6 @@ def add_learning_phase_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--x", choices=["escape", "time", "loss"], default="escape",
                         help="x-axis: linear time since the plateau ended, log flow time, "
                              "or the loss")
-
-
-def random_htf_tensor(key, dims, tree: ModeTree, ranks, norm: float = 1.0):
-    """Ground truth of low hierarchical rank: a Gaussian HTF with small widths, rescaled.
-
-    `ranks` gives one width per layer (as the paper's `target_tensor_ht_rank`); the
-    end tensor is rescaled to Frobenius `norm` (CODE-HTF's generator, THEORY.md §4.7).
-    """
-    tensor = HTF.gaussian(key, dims, tree, tree.layer_widths(ranks), 1.0).full()
-    return norm * tensor / jnp.linalg.norm(tensor)
 
 
 def node_label(tree: ModeTree, v: int) -> str:

@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import plotting
 from ..analysis import matrix as am
-from ..flow import flow
+from .._flow import flow
 from ..models.matrix import DeepMatrix
 from ..objectives import Completion
 from ..solvers import RosenbrockW

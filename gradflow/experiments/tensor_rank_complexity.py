@@ -41,7 +41,7 @@ import optax
 from jaxtyping import Array, Float, Int
 
 from .. import datasets, plotting
-from ..descent import descent
+from .._descent import descent
 from ..models.base import AbstractAdditiveFactorization
 from ..models.cp import CP
 from ..objectives import AbstractLoss, AbstractObjective, SquaredLoss

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 from .. import plotting
 from ..analysis import cp as acp
 from ..data import random_cp_tensor, sample_indices
-from ..flow import flow
+from .._flow import flow
 from ..models.cp import CP
 from ..objectives import Completion
 

@@ -1,6 +1,7 @@
 """The interface every factorized model implements."""
 
 import abc
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
@@ -45,12 +46,44 @@ class AbstractFactorization(eqx.Module):
         return jnp.sqrt(jnp.sum(self.full() ** 2))
 
 
-class AbstractAdditiveFactorization(AbstractFactorization):
-    """A factorization whose end tensor is a sum of components with disjoint weights.
+class AbstractBlockFactorization(AbstractFactorization):
+    """A factorization that can cut out the weights of its largest components.
 
-    This lets a solver work on a few components at a time: `take` cuts out a
-    sub-model made of some components, `put` writes one back.
+    The stiffness of saddle-to-saddle dynamics lives in the weights of the few
+    components already learned, so a solver treats a small block of weights
+    implicitly ([`gradflow.LargestComponents`][]): `select` picks the block,
+    `take` cuts it out as a smaller model of the same kind, `put` writes one back.
+    The selection is a pytree of integer arrays of fixed shapes (it works under
+    `jit` and `vmap`).
     """
+
+    additive: ClassVar[bool] = False
+    """True when the end tensor is the sub-model's plus that of the other weights
+    (the components have disjoint weights), so the sub-model's predictions and their
+    derivatives are exactly those of the block inside the whole model."""
+
+    @abc.abstractmethod
+    def select(self, size: int) -> Any:
+        """The block of the `size` largest components (fewer if the model has fewer)."""
+
+    @abc.abstractmethod
+    def take(self, selection) -> "AbstractBlockFactorization":
+        """The sub-model made of the weights in `selection`."""
+
+    @abc.abstractmethod
+    def put(self, selection, sub: "AbstractBlockFactorization") -> "AbstractBlockFactorization":
+        """This model with the weights in `selection` replaced by those of `sub`."""
+
+
+class AbstractAdditiveFactorization(AbstractBlockFactorization):
+    """A factorization whose end tensor is a sum of components with disjoint weights
+    (CP): a block is a set of components, `select` the largest by norm."""
+
+    additive: ClassVar[bool] = True
+
+    def select(self, size: int) -> Int[Array, " k"]:
+        norms = self.component_norms()
+        return jax.lax.top_k(norms, min(int(size), norms.shape[0]))[1]
 
     @abc.abstractmethod
     def take(self, components: Int[Array, " k"]) -> "AbstractAdditiveFactorization":

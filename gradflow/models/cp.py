@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
-from .._checks import check_dims, check_positive
+from .._validate import check_dims, check_int, check_positive
 from .base import AbstractAdditiveFactorization
 
 
@@ -37,10 +37,15 @@ class CP(AbstractAdditiveFactorization):
         if len(self.factors) < 2:
             raise ValueError(f"`factors`: CP needs order >= 2, got {len(self.factors)}.")
         ranks = {f.shape[-1] for f in self.factors}
+        shapes = [tuple(f.shape) for f in self.factors]
         if any(f.ndim != 2 for f in self.factors) or len(ranks) != 1:
-            shapes = [tuple(f.shape) for f in self.factors]
             raise ValueError(
                 f"`factors` must be 2-d arrays (d_n, R) sharing R, got shapes {shapes}."
+            )
+        if any(min(shape) < 1 for shape in shapes):
+            raise ValueError(
+                f"`factors` must have d_n >= 1 and R >= 1 (no empty mode or rank), got "
+                f"shapes {shapes}."
             )
 
     @property
@@ -168,6 +173,5 @@ class CP(AbstractAdditiveFactorization):
 
 def _check_cp_args(dims, rank) -> tuple[int, ...]:
     dims = check_dims("dims", dims, min_len=2)
-    if not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"`rank` must be a positive int, got {rank!r}.")
+    check_int("rank", rank)
     return dims

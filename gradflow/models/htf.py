@@ -10,13 +10,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
-from .._checks import check_dims, check_positive
-from .base import AbstractFactorization
+from .._validate import check_dims, check_positive
+from .base import AbstractBlockFactorization
 
 PATTERNS = ("adjacent", "interleaved")
 
@@ -251,7 +252,7 @@ class ModeTree:
         return cls(tuple(range(num_modes)))
 
 
-class HTF(AbstractFactorization):
+class HTF(AbstractBlockFactorization):
     r"""Hierarchical tensor factorization $\mathcal W_H$ over a `ModeTree` (THEORY.md §4.1).
 
     `weights[v]` is $W^{(v)}$ for node id `v` (see [`gradflow.ModeTree`][]): a
@@ -352,6 +353,63 @@ class HTF(AbstractFactorization):
                 prod = prod * acts[c]
             acts.append(prod @ self.weights[v])
         return acts[-1][:, 0]
+
+    def entries_jacobian(self, indices: Int[Array, "m N"]) -> Float[Array, "m weights"]:
+        r"""Closed form (the model is multilinear): with the activations
+        $a_\nu$ of every node at the observed entries and their adjoints
+        $b_\nu=\partial\,\text{entry}/\partial a_\nu$ (one backward pass),
+        $\partial\,\text{entry}/\partial W^{(\nu)}_{r,r'}=\big(\prod_{c}a_c\big)_r\,(b_\nu)_{r'}$
+        and, at a leaf, $[i_n=j]\,(b_n)_{r'}$; flattened as `ravel_pytree`."""
+        tree, ws = self.tree, self.weights
+        acts = [ws[n][indices[:, n]] for n in range(tree.num_modes)]
+        pooled = {}
+        for v in tree.interior:
+            pooled[v] = math.prod(acts[c] for c in tree.children[v])
+            acts.append(pooled[v] @ ws[v])
+        adjoint = [None] * tree.num_nodes
+        adjoint[tree.root] = jnp.ones_like(acts[tree.root])
+        for v in reversed(tree.interior):  # parents before children
+            up = adjoint[v] @ ws[v].T
+            for c in tree.children[v]:
+                others = [acts[o] for o in tree.children[v] if o != c]
+                adjoint[c] = up * math.prod(others) if others else up
+        blocks = []
+        for v, w in enumerate(ws):
+            left = (jax.nn.one_hot(indices[:, v], w.shape[0], dtype=w.dtype)
+                    if tree.is_leaf(v) else pooled[v])
+            blocks.append((left[:, :, None] * adjoint[v][:, None, :]).reshape(len(left), -1))
+        return jnp.concatenate(blocks, axis=1)
+
+    def select(self, size: int) -> tuple[Int[Array, " k"], ...]:
+        """The `size` largest local components at every interior node (by $P_{\nu,r}$),
+        one index array per node of `tree.interior`."""
+        norms = self.local_component_norms()
+        return tuple(jax.lax.top_k(norms[v], min(int(size), norms[v].shape[0]))[1]
+                     for v in self.tree.interior)
+
+    def _block_indices(self, selection):
+        """Per node, the (rows, columns) of its matrix in the block of `selection`:
+        the node's own selected components (all rows at a leaf) by its parent's."""
+        tree = self.tree
+        chosen = dict(zip(tree.interior, selection))
+        out = []
+        for v, w in enumerate(self.weights):
+            rows = jnp.arange(w.shape[0]) if tree.is_leaf(v) else chosen[v]
+            cols = jnp.zeros(1, rows.dtype) if tree.parent[v] is None else chosen[tree.parent[v]]
+            out.append((rows, cols))
+        return out
+
+    def take(self, selection) -> "HTF":
+        """The sub-HTF of the selected local components (widths `len(selection[i])`):
+        at every node the rows of its selected components and the columns of its
+        parent's."""
+        blocks = self._block_indices(selection)
+        return HTF(self.tree, [w[rows][:, cols] for w, (rows, cols) in zip(self.weights, blocks)])
+
+    def put(self, selection, sub: "HTF") -> "HTF":
+        blocks = self._block_indices(selection)
+        return HTF(self.tree, [w.at[rows[:, None], cols[None, :]].set(s) for w, s, (rows, cols)
+                               in zip(self.weights, sub.weights, blocks)])
 
     def norm(self) -> Float[Array, ""]:
         r"""Frobenius norm of the end tensor from Gram matrices (no full tensor):

@@ -7,7 +7,7 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
-from .._checks import check_dims, check_finite, check_positive, concrete
+from .._validate import check_dims, check_finite, check_positive, concrete
 from .base import AbstractFactorization
 
 
@@ -44,6 +44,9 @@ class DeepMatrix(AbstractFactorization):
         shapes = [tuple(w.shape) for w in self.layers]
         if any(w.ndim != 2 for w in self.layers):
             raise ValueError(f"`layers` must be 2-d arrays (d_j, d_(j-1)), got shapes {shapes}.")
+        if any(min(shape) < 1 for shape in shapes):
+            raise ValueError(f"`layers` must have widths >= 1 (no empty layer), got shapes "
+                             f"{shapes}.")
         for j in range(1, len(self.layers)):
             if shapes[j][1] != shapes[j - 1][0]:
                 raise ValueError(

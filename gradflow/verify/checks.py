@@ -16,7 +16,7 @@ from ..analysis import cp as acp
 from ..analysis import htf as ahtf
 from ..analysis import matrix as am
 from ..data import random_cp_tensor, sample_indices
-from ..flow import flow
+from .._flow import flow
 from ..models.cp import CP
 from ..models.htf import HTF, ModeTree
 from ..models.matrix import DeepMatrix

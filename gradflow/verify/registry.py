@@ -9,7 +9,7 @@ from typing import Any
 import jax.random as jr
 import numpy as np
 
-from ..flow import flow
+from .._flow import flow
 from ..trajectory import Trajectory
 
 

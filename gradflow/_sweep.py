@@ -9,7 +9,7 @@ processes of a JAX multi-process run (`jax.distributed.initialize()`).
 **On-disk format** (`out/`): `config.json` (the grid and the solve's settings) and one
 `chunk_NNNNN.npz` per finished chunk, readable with NumPy alone. Each chunk holds
 `members` (indices into the grid's member list), `params/NAME`, `t_final`, `status`
-(indices into `gradflow.FinalState.STATUSES`), `steps`, and the observers' leaves as
+([`gradflow.Status`][] codes), `steps`, and the observers' leaves as
 `obs/NAME/i` (member × save time × ...) and `final/NAME/i` (member × ...); saves past
 a member's `t_final` are NaN. [`gradflow.SweepResult.load`][] reads a folder back.
 """
@@ -17,6 +17,11 @@ a member's `t_final` are NaN. [`gradflow.SweepResult.load`][] reads a folder bac
 import dataclasses
 import itertools
 import json
+import os
+import re
+import uuid
+import warnings
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,10 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
+from . import _solve
 from . import observers as _observers
-from ._checks import check_positive
-from .flow import (STATUSES, _diffeqsolve, _observing_saveat, _status_code, _stop_margins,
-                   default_save_times, default_solver)
+from ._flow import default_save_times
+from ._status import LABELS, Status
+from ._validate import check_int
 
 OVERRIDABLE = ("rtol", "atol", "loss_tol", "loss_drop", "radius")
 """Settings a grid axis of the same name overrides per member (traced, no recompile)."""
@@ -59,14 +65,27 @@ class SweepResult:
     @property
     def ok(self) -> np.ndarray:
         """Per member: True when a stop condition ended its solve."""
-        return np.isin(self.status, STATUSES[:3])
+        return np.array([Status.of(s).finished for s in self.status], dtype=bool)
 
     @classmethod
     def load(cls, out) -> "SweepResult":
-        """Read the finished chunks of the sweep in folder `out` (members in grid order)."""
+        """Read the finished chunks of the sweep in folder `out` (members in grid order).
+
+        An unreadable chunk (a truncated or corrupt file) is an error naming it;
+        re-running the sweep recomputes it.
+        """
         out = Path(out)
+        if not (out / "config.json").is_file():
+            raise ValueError(f"`out`: {out} holds no sweep (no config.json).")
         config = json.loads((out / "config.json").read_text())
-        chunks = [_read_chunk(p) for p in sorted(out.glob("chunk_*.npz"))]
+        chunks = []
+        for path in chunk_files(out):
+            try:
+                chunks.append(_read_chunk(path))
+            except _UNREADABLE as error:
+                raise ValueError(
+                    f"`out`: chunk file {path} is unreadable ({type(error).__name__}: "
+                    f"{error}); re-run the sweep to recompute it.") from None
         if not chunks:
             raise ValueError(f"`out`: no finished chunks in {out}.")
         return _merge(chunks, config)
@@ -83,7 +102,7 @@ def sweep(
     save_times=None,
     observers=None,
     solver=None,
-    rtol: float = 1e-8,
+    rtol: float | None = None,
     atol: float | None = None,
     max_steps: int = 100_000,
     out=None,
@@ -120,29 +139,34 @@ def sweep(
     unless another process of a multi-process run holds some).
     """
     names, values = _check_grid(grid)
-    check_positive("t1", t1)
-    if loss_tol is not None and loss_drop is not None:
-        raise ValueError("Give at most one of `loss_tol` and `loss_drop`.")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"`chunk_size` must be a positive int, got {chunk_size!r}.")
     if order_by is not None and order_by not in names:
         raise ValueError(f"`order_by` must be a grid axis {names}, got {order_by!r}.")
-    save_times = np.asarray(default_save_times(t1) if save_times is None else save_times, float)
-    observers = _observers.resolve(observers)
+    if not callable(problem):
+        raise TypeError(f"`problem` must be a function params -> (model, objective), got "
+                        f"{type(problem).__name__}.")
+    max_steps = check_int("max_steps", max_steps)
+    settings = dict(t1=t1, loss_tol=loss_tol, loss_drop=loss_drop, radius=radius,
+                    rtol=rtol, atol=atol, max_steps=max_steps)
     members = np.array(list(itertools.product(*values)), dtype=float).reshape(-1, len(names))
+    dtypes = {n: np.asarray(v).dtype for n, v in zip(names, values)}
+    _check_axes(settings, names, members)
+    save_times = _solve.check_save_times(
+        default_save_times(float(t1)) if save_times is None else save_times, t1)
+    observers = _observers.resolve(observers)
     order = np.arange(len(members))
     if order_by is not None:
         order = np.argsort(members[:, names.index(order_by)], kind="stable")
     devices = jax.local_devices()
     chunk_size = -(-chunk_size // len(devices)) * len(devices)
-    settings = dict(t1=float(t1), loss_tol=loss_tol, loss_drop=loss_drop, radius=radius,
-                    rtol=float(rtol), atol=atol, max_steps=int(max_steps))
+    settings = {k: (float(v) if isinstance(v, (int, float, np.number)) and k != "max_steps"
+                    else v) for k, v in settings.items()}
     config = dict(grid={n: np.asarray(v).tolist() for n, v in zip(names, values)},
                   save_times=save_times.tolist(), observers=sorted(observers),
                   solver=repr(solver), chunk_size=chunk_size, order_by=order_by,
                   tag=tag, **settings)
-    out = None if out is None else _claim(Path(out), config)
-    dtypes = {n: np.asarray(v).dtype for n, v in zip(names, values)}
+    out = None if out is None else _check_folder(Path(out), config)
     mesh = Mesh(np.asarray(devices), ("members",)) if len(devices) > 1 else None
     run_chunk = lambda params, ts: _run_chunk(
         params, ts, problem=problem, settings=tuple(settings.items()), solver=solver,
@@ -153,22 +177,43 @@ def sweep(
     bar = _bar(len(mine), progress)
     for k in mine:
         path = None if out is None else out / f"chunk_{k:05d}.npz"
+        chunk = None
         if path is not None and path.exists():
-            results.append(_read_chunk(path))
-        else:
+            try:
+                chunk = _read_chunk(path)
+            except _UNREADABLE as error:
+                warnings.warn(f"sweep: chunk file {path} is unreadable ({type(error).__name__}: "
+                              f"{error}); recomputing it.", stacklevel=2)
+        if chunk is None:
             idx = np.resize(chunks[k], chunk_size)  # pad by repeating members
             params = {n: jnp.asarray(members[idx, j].astype(dtypes[n]))
                       for j, n in enumerate(names)}
             raw = jax.device_get(run_chunk(params, jnp.asarray(save_times)))
             chunk = _unpad(raw, chunks[k], params, save_times)
             if path is not None:
+                _write_config(out, config)  # once a member has solved: the inputs are valid
                 _write_chunk(path, chunk)
-            results.append(chunk)
+        results.append(chunk)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
     return _merge(results, config)
+
+
+def _check_axes(settings, names, members):
+    """Every value of a grid axis that overrides a setting, checked like the setting
+    (the problem itself is checked when the first chunk is traced)."""
+    given = set(names) | {k for k, v in settings.items() if v is not None}
+    if {"loss_tol", "loss_drop"} <= given:
+        raise ValueError("Give at most one of `loss_tol` and `loss_drop` (as settings or "
+                         "grid axes).")
+    for name in (n for n in names if n in OVERRIDABLE):
+        for value in np.unique(members[:, names.index(name)]):
+            kw = dict(settings, **{name: float(value)})
+            _solve.check_settings(jnp.float64, names={name: f"grid[{name!r}]"},
+                                  **{k: kw[k] for k in ("t1", "loss_tol", "loss_drop",
+                                                        "radius", "rtol", "atol")})
 
 
 def _check_grid(grid):
@@ -185,50 +230,40 @@ def _check_grid(grid):
     return names, values
 
 
-def _claim(out: Path, config: dict) -> Path:
-    """Create `out`, or check that it holds a sweep of the same configuration."""
-    out.mkdir(parents=True, exist_ok=True)
+def _check_folder(out: Path, config: dict) -> Path:
+    """`out`, refused if it holds a sweep of another configuration (it is created, and
+    `config.json` written, only when the first chunk is)."""
     path = out / "config.json"
-    text = json.dumps(config, indent=1, sort_keys=True, default=str)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"`out`: {out} exists and is not a folder.")
     if path.exists():
+        text = json.dumps(config, indent=1, sort_keys=True, default=str)
         if json.loads(path.read_text()) != json.loads(text):
             raise ValueError(
                 f"`out`: {out} holds a sweep with a different configuration; use another "
                 "folder, or delete it to start over.")
-    elif jax.process_index() == 0:
-        tmp = path.with_name("config.json.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
     return out
+
+
+def _write_config(out: Path, config: dict) -> None:
+    path = out / "config.json"
+    out.mkdir(parents=True, exist_ok=True)
+    if path.exists() or jax.process_index() != 0:
+        return
+    tmp = path.with_name(f".config.json.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(config, indent=1, sort_keys=True, default=str))
+    tmp.replace(path)
 
 
 def _member(params, save_ts, problem, settings, solver, observers):
     """One member's solve: observers at `save_ts`, final observations, end time, status."""
     model, objective = problem(params)
-    get = lambda key: params.get(key, settings[key])
-    loss_tol, radius = get("loss_tol"), get("radius")
-    if get("loss_drop") is not None:
-        loss_tol = get("loss_drop") * objective(model)
-    stops = tuple(n for n, v in (("loss", loss_tol), ("radius", radius)) if v is not None)
-    flat = jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(model)])
-    dtype = flat.dtype
-    rtol = jnp.asarray(get("rtol"), dtype)
-    atol = get("atol")
-    atol = rtol * jnp.sqrt(jnp.mean(flat**2)) if atol is None else jnp.asarray(atol, dtype)
-    as_time = lambda x: jnp.asarray(0.0 if x is None else x, dtype)
-    sol = _diffeqsolve(
-        model, objective, as_time(settings["t1"]), as_time(loss_tol), as_time(radius),
-        rtol, atol, solver=default_solver(model) if solver is None else solver,
-        stops=stops, saveat=_observing_saveat(save_ts.astype(dtype), observers),
-        max_steps=settings["max_steps"], adjoint=None, progress=None,
-    )
-    saved, final, final_model = sol.ys
-    final = jax.tree.map(lambda x: x[0], final)
-    final_model = jax.tree.map(lambda x: x[0], final_model)
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(final)]))
-    margins = _stop_margins(final_model, objective, loss_tol, radius, stops)
-    return dict(obs=saved, final=final, t_final=sol.ts[1][0],
-                status=_status_code(sol.result, margins, finite), steps=sol.stats["num_steps"])
+    kw = {k: params.get(k, v) for k, v in settings.items()}
+    built = _solve.build(model, objective, solver=solver, **kw)
+    out = _solve.run(built, _solve.observing_subs(save_ts.astype(built.time_dtype), observers))
+    saved, final = out.observed
+    return dict(obs=saved, final=jax.tree.map(lambda x: x[0], final), t_final=out.t,
+                status=out.status, steps=out.stats["num_steps"])
 
 
 @eqx.filter_jit
@@ -262,15 +297,30 @@ def _unpad(raw, members, params, save_times) -> dict:
                 obs=leaves(raw["obs"], hide), final=leaves(raw["final"], lambda x: x))
 
 
+_CHUNK = re.compile(r"chunk_\d{5}\.npz")
+_UNREADABLE = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile)
+
+
+def chunk_files(out: Path) -> list[Path]:
+    """The finished chunk files of a sweep folder, in order (temporary files excluded)."""
+    return sorted(p for p in out.iterdir() if _CHUNK.fullmatch(p.name))
+
+
 def _write_chunk(path: Path, chunk: dict) -> None:
     arrays = {k: chunk[k] for k in _SCALARS}
     arrays |= {f"params/{k}": v for k, v in chunk["params"].items()}
     for prefix in ("obs", "final"):
         for name, leaves in chunk[prefix].items():
             arrays |= {f"{prefix}/{name}/{i}": leaf for i, leaf in enumerate(leaves)}
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)  # atomic: a chunk file is complete or absent
+    # A name of its own per writer (two processes may write one folder), that no
+    # reader takes for a chunk; renamed into place, so a chunk file is complete or absent.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _read_chunk(path: Path) -> dict:
@@ -302,7 +352,7 @@ def _merge(chunks, config) -> SweepResult:
         params=group("params"), ts=np.asarray(config["save_times"]),
         observations=single(tree("obs")), final=single(tree("final")),
         t_final=cat([c["t_final"] for c in chunks]),
-        status=np.asarray(STATUSES)[cat([c["status"] for c in chunks])],
+        status=np.asarray(LABELS)[cat([c["status"] for c in chunks])],
         steps=cat([c["steps"] for c in chunks]), config=config)
 
 

@@ -17,14 +17,16 @@ import numpy as np
 import optax
 from jaxtyping import Array, ArrayLike, Float, Int
 
+from . import _solve
 from . import observers as _observers
-from ._checks import check_finite, check_positive
-from .flow import FlowError
+from ._flow import FlowError, flow
+from ._status import Status
+from ._validate import check_int, check_positive, enforce
 from .models.base import AbstractFactorization
 from .objectives import AbstractObjective
 from .trajectory import Trajectory
 
-_RUNNING, _LOSS, _NON_FINITE, _T1 = 0, 1, 2, 3
+_RUNNING = -1  # not a status: the loop goes on
 PROGRESS_CHUNKS = 100
 """With `progress=True` the run is split into this many compiled chunks (at most)."""
 
@@ -37,14 +39,13 @@ class DescentError(FlowError):
     """
 
     def __init__(self, trajectory: Trajectory):
-        self.trajectory = trajectory
         hint = ""
         if trajectory.status == "non_finite":
             hint = " The step size is too large for this problem (or the objective overflows)."
-        RuntimeError.__init__(
-            self,
+        super().__init__(
+            trajectory,
             f"gradient descent did not finish: {trajectory.reason} at step "
-            f"{trajectory.stats['steps']} of {trajectory.config['steps']} "
+            f"{trajectory.stats['steps'] + 1} of {trajectory.config['steps']} "
             f"(t = {trajectory.t_final:.6g}).{hint} The partial trajectory (ending at "
             "the last finite iterate) is in `error.trajectory`; pass `throw=False` to "
             "get it returned instead.",
@@ -123,26 +124,25 @@ def rms_normalized(
 # --- the loop ---------------------------------------------------------------------------
 
 
-def _vdot(a, b):
-    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
 def _projected_step(updates, grads, state):
     """$h=\\langle-u,g\\rangle/\\|g\\|^2$ (0 where $g=0$): the step along $-g$."""
-    num, den = -_vdot(updates, grads), _vdot(grads, grads)
+    num = -optax.tree_utils.tree_vdot(updates, grads)
+    den = optax.tree_utils.tree_vdot(grads, grads)
     return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
 
 
-def _gd_update(grads, learning_rate, params=None):
-    return jax.tree.map(lambda g: -learning_rate * g, grads), learning_rate
+_SGD = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0)  # one `update` for every run
 
 
-def _gd_step(updates, grads, learning_rate):
-    return learning_rate
+def _gd_step(updates, grads, state):
+    """Plain gradient descent (`optax.inject_hyperparams(optax.sgd)`): $h=\\eta$ exactly."""
+    return state.hyperparams["learning_rate"]
 
 
 class _Carry(NamedTuple):
     model: Any
+    loss: Array  # the loss and gradient at `model`
+    grads: Any
     opt_state: Any
     t: Array  # accumulated step size, with its Kahan compensation
     comp: Array
@@ -153,39 +153,36 @@ class _Carry(NamedTuple):
     saved: dict
 
 
-def _all_finite(tree) -> Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
 def _observe(t, model, objective, observers):
     return {name: fn(t, model, objective) for name, fn in observers.items()}
 
 
 _observe_jit = eqx.filter_jit(_observe)
+_value_and_grad = eqx.filter_jit(lambda objective, model: eqx.filter_value_and_grad(
+    objective)(model))
 
 
 @eqx.filter_jit
 def _run(carry, k_end, objective, save_steps, loss_tol, t1, *, update, step_size, observers):
     def step(c: _Carry) -> _Carry:
-        loss, grads = eqx.filter_value_and_grad(objective)(c.model)
-        updates, opt_state = update(grads, c.opt_state, c.model)
-        h = step_size(updates, grads, c.opt_state)
+        updates, opt_state = update(c.grads, c.opt_state, c.model)
+        h = step_size(updates, c.grads, c.opt_state)
         model = eqx.apply_updates(c.model, updates)
         y = h - c.comp  # Kahan: t_k = k·η to rounding for constant steps
         t = c.t + y
         comp = (t - c.t) - y
-        finite = jnp.isfinite(loss) & jnp.isfinite(h) & _all_finite(model)
-        hit_loss = loss <= loss_tol
-        advance = finite & ~hit_loss
-        status = jnp.where(
-            hit_loss, _LOSS, jnp.where(~finite, _NON_FINITE, jnp.where(t >= t1, _T1, _RUNNING))
-        ).astype(c.status.dtype)
-        moved = (model, opt_state, t, comp, c.k + 1)
-        kept = (c.model, c.opt_state, c.t, c.comp, c.k)
-        model, opt_state, t, comp, k = jax.tree.map(
-            lambda a, b: jnp.where(advance, a, b), moved, kept
-        )
-        return c._replace(model=model, opt_state=opt_state, t=t, comp=comp, k=k, status=status)
+        loss, grads = eqx.filter_value_and_grad(objective)(model)
+        finite = (jnp.isfinite(loss) & jnp.isfinite(h) & _solve.all_finite(model)
+                  & _solve.all_finite(grads))
+        status = jnp.select([~finite, loss <= loss_tol, t >= t1],
+                            [Status.NON_FINITE, Status.LOSS, Status.T1], _RUNNING)
+        moved = (model, loss, grads, opt_state, t, comp, c.k + 1)
+        kept = (c.model, c.loss, c.grads, c.opt_state, c.t, c.comp, c.k)
+        # a step to a non-finite iterate is not taken: the run ends on the last finite one
+        model, loss, grads, opt_state, t, comp, k = jax.tree.map(
+            lambda a, b: jnp.where(finite, a, b), moved, kept)
+        return c._replace(model=model, loss=loss, grads=grads, opt_state=opt_state, t=t,
+                          comp=comp, k=k, status=status.astype(c.status.dtype))
 
     def record(c: _Carry) -> _Carry:
         obs = _observe(c.t, c.model, objective, observers)
@@ -239,9 +236,11 @@ def descent(
     **Stopping.** After `steps` steps (status `"t1"`); at the first step with
     $t\ge$ `t1` if given (status `"t1"`; `"max_steps"` if `steps` run out first);
     at the first iterate whose loss is $\le$ `loss_tol` (status `"loss"`); or, with
-    status `"non_finite"`, when a step would make the loss, the step size or the
-    weights non-finite — the run then ends at the last finite iterate and
-    `stats["steps"]` is the step that failed.
+    status `"non_finite"`, when a step would make the loss, its gradient, the step
+    size or the weights non-finite — that step is not taken, so the run ends at the
+    last finite iterate (finite loss included) and `stats["steps"]` counts the steps
+    taken before it. A loss already at or below `loss_tol` at the initial model stops
+    at step 0.
 
     **Arguments:**
 
@@ -278,31 +277,33 @@ def descent(
         gf.analysis.descent.trajectory_distance(gd, gf_)  # O(1e-3)
         ```
     """
-    if not isinstance(objective, AbstractObjective):
-        raise TypeError(f"`objective` must be a gradflow objective, got {objective!r}.")
-    objective.check_model(model)
-    for i, leaf in enumerate(jax.tree.leaves(model)):
-        check_finite(f"model (weight array {i})", leaf)
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"`steps` must be an int >= 1, got {steps!r}.")
+    objective, dtype, pending = _solve.check_inputs(model, objective)
+    model = enforce(model, pending)
+    steps = check_int("steps", steps)
     for name, value in (("t1", t1), ("loss_tol", loss_tol)):
         if value is not None:
             check_positive(name, value)
     saves = _check_save_steps(steps, save_every, save_steps)
-    dtype = jax.tree.leaves(model)[0].dtype
     update, step_size, opt_state, opt_config = _optimizer(optimizer, model, dtype)
     observers = _observers.resolve(observers)
+    loss, grads = _value_and_grad(objective, model)
+    if not np.isfinite(float(loss)):
+        raise ValueError(f"{_solve.INVALID_LOSS} ({float(loss)}); scale the model or the "
+                         "data down.")
 
     zero = jnp.zeros((), dtype)
     index = jnp.asarray(0).dtype
     shapes = eqx.filter_eval_shape(_observe, zero, model, objective, observers)
+    initial = _RUNNING if loss_tol is None or float(loss) > loss_tol else Status.LOSS
     carry = _Carry(
         model=model,
+        loss=loss,
+        grads=grads,
         opt_state=opt_state,
         t=zero,
         comp=zero,
         k=jnp.zeros((), index),
-        status=jnp.asarray(_RUNNING, index),
+        status=jnp.asarray(initial, index),
         slot=jnp.zeros((), index),
         ts=jnp.zeros(saves.size, dtype),
         saved=jax.tree.map(lambda s: jnp.zeros((saves.size,) + s.shape, s.dtype), shapes),
@@ -310,6 +311,10 @@ def descent(
     padded = jnp.asarray(np.append(saves, steps + 1), index)  # a sentinel past the end
     as_time = lambda x, default: jnp.asarray(default if x is None else x, dtype)
     args = (objective, padded, as_time(loss_tol, -jnp.inf), as_time(t1, jnp.inf))
+    if initial != _RUNNING:  # the stop is already met: record the initial iterate
+        carry = carry._replace(ts=carry.ts.at[0].set(zero), slot=carry.slot + 1,
+                               saved=jax.tree.map(lambda b, x: b.at[0].set(x), carry.saved,
+                                                  _observe_jit(zero, model, objective, observers)))
     kw = dict(update=update, step_size=step_size, observers=observers)
     chunk = math.ceil(steps / PROGRESS_CHUNKS) if progress else steps
 
@@ -317,7 +322,7 @@ def descent(
     bar = _progress_bar(steps) if progress else None
     k_end = 0
     try:
-        while k_end < steps:
+        while k_end < steps and int(carry.status) == _RUNNING:
             k_end = min(k_end + chunk, steps)
             carry = _run(carry, jnp.asarray(k_end, index), *args, **kw)
             if bar is not None:
@@ -336,6 +341,43 @@ def descent(
     if throw and not trajectory.ok:
         raise DescentError(trajectory)
     return trajectory
+
+
+def matched_flow(
+    trajectory: Trajectory, model, objective, *, observers=None, **flow_kwargs
+) -> Trajectory:
+    """Gradient flow from `model`, observed at the times of `trajectory`.
+
+    [`gradflow.flow`][] with `t1 = trajectory.ts[-1]` and `save_times = trajectory.ts`,
+    so [`gradflow.analysis.descent.trajectory_distance`][] compares
+    the two at identical times (no interpolation error).
+
+    **Arguments:**
+
+    - `trajectory`: e.g. a [`gradflow.descent`][] result (its times must increase).
+    - `model`, `objective`: the initial model and objective of that run.
+    - `observers`: default: the names of `trajectory.observations` (pass callables
+      explicitly for observers that are not built-in names).
+    - `flow_kwargs`: passed on to [`gradflow.flow`][] (`rtol`, `atol`, `solver`, ...).
+
+    **Returns:** the flow's [`gradflow.Trajectory`][].
+    """
+    ts = np.asarray(trajectory.ts, dtype=float)
+    if ts.size < 2 or ts[-1] <= 0 or np.any(np.diff(ts) <= 0):
+        raise ValueError(
+            "`trajectory` times must be strictly increasing and end after 0 to match a "
+            f"flow to them, got {ts}."
+        )
+    if observers is None:
+        observers = list(trajectory.observations)
+        unknown = [name for name in observers if name not in _observers.BY_NAME]
+        if unknown:
+            raise ValueError(
+                f"`observers`: {unknown} are not built-in observer names; pass "
+                "`observers` (e.g. the dict given to `gradflow.descent`)."
+            )
+    t1 = float(ts[-1])
+    return flow(model, objective, t1=t1, save_times=ts, observers=observers, **flow_kwargs)
 
 
 def _optimizer(optimizer, model, dtype):
@@ -361,7 +403,9 @@ def _optimizer(optimizer, model, dtype):
         raise ValueError(
             f"`optimizer` (the learning rate of plain gradient descent) must be > 0, got {rate}."
         )
-    return _gd_update, _gd_step, lr, {"optimizer": "gd", "learning_rate": rate}
+    state = _SGD.init(model)
+    state.hyperparams["learning_rate"] = lr  # in the state: another η does not recompile
+    return _SGD.update, _gd_step, state, {"optimizer": "gd", "learning_rate": rate}
 
 
 def _check_save_steps(steps, save_every, save_steps) -> np.ndarray:
@@ -390,9 +434,10 @@ def _check_save_steps(steps, save_every, save_steps) -> np.ndarray:
 def _trajectory(carry, final, padded, t1, wall, config) -> Trajectory:
     n, k = int(carry.slot), int(carry.k)
     code = int(carry.status)
-    status = {_LOSS: "loss", _NON_FINITE: "non_finite", _T1: "t1"}.get(code)
-    if status is None:  # ran out of steps
-        status = "t1" if t1 is None else "max_steps"
+    if code == _RUNNING:  # ran out of steps
+        status = Status.T1 if t1 is None else Status.MAX_STEPS
+    else:
+        status = Status(code)
     save_steps = np.asarray(padded[:n])
     ts = np.asarray(carry.ts[:n])
     observations = jax.tree.map(lambda x: np.asarray(x[:n]), carry.saved)
@@ -404,14 +449,14 @@ def _trajectory(carry, final, padded, t1, wall, config) -> Trajectory:
         observations = jax.tree.map(
             lambda v, f: np.concatenate([v, f[None]]), observations, final
         )
-    evaluations = k + (code in (_LOSS, _NON_FINITE))
+    evaluations = k + 1 + (status == Status.NON_FINITE)  # the initial one, the rejected one
     return Trajectory(
         ts=ts,
         observations=observations,
         t_final=t_final,
         final=final,
         model=carry.model,
-        status=status,
+        status=status.label,
         stats={
             "steps": k,
             "accepted_steps": k,

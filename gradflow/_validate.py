@@ -1,0 +1,130 @@
+"""Argument validation shared by every public entry point.
+
+Concrete values are checked at once and refused with a `ValueError`/`TypeError` that
+names the argument. Traced values (inside `jit`, `vmap`, a sweep) cannot be read in
+Python: the checks that need them return a `Pending` check, which the solve turns
+into an `equinox.error_if` at run time, so they are never skipped silently.
+"""
+
+import math
+import numbers
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def concrete(x):
+    """`x` as a NumPy array, or None when it is traced."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    return np.asarray(x)
+
+
+class Pending(eqx.Module):
+    """A check of a traced value, done at run time: `ok` must hold, else `message`."""
+
+    ok: jax.Array
+    message: str = eqx.field(static=True)
+
+
+def enforce(tree, pending):
+    """`tree`, with every pending check applied (`equinox.error_if` on its arrays)."""
+    for check in pending:
+        tree = eqx.error_if(tree, ~check.ok, check.message)
+    return tree
+
+
+def check_finite(name: str, x) -> list[Pending]:
+    arr = concrete(x)
+    if arr is None:
+        return [Pending(jnp.all(jnp.isfinite(x)), f"`{name}` must be finite.")]
+    if not np.all(np.isfinite(arr)):
+        bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+        raise ValueError(f"`{name}` must be finite; it has {bad} non-finite value(s).")
+    return []
+
+
+def check_positive(name: str, x, *, allow_zero: bool = False, below=None) -> list[Pending]:
+    """`x` (a number or array) finite and > 0 (>= 0 with `allow_zero`), and < `below`."""
+    bound = "must be >= 0" if allow_zero else "must be > 0"
+    if below is not None:
+        bound += f" and < {below}"
+    arr = concrete(x)
+    if arr is None:
+        ok = jnp.isfinite(x) & ((x >= 0) if allow_zero else (x > 0))
+        if below is not None:
+            ok = ok & (x < below)
+        return [Pending(jnp.all(ok), f"`{name}` {bound} (a traced value, checked at run time).")]
+    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.number)):
+        raise TypeError(f"`{name}` must be a real number, got {x!r}.")
+    if np.iscomplexobj(arr):
+        raise TypeError(f"`{name}` must be real, got a complex value {x!r}.")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"`{name}` must be finite, got {_show(arr)}.")
+    bad = (arr < 0) if allow_zero else (arr <= 0)
+    if below is not None:
+        bad = bad | (arr >= below)
+    if np.any(bad):
+        raise ValueError(f"`{name}` {bound}, got {_show(arr)}.")
+    return []
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong type: a `TypeError`, and a `ValueError` for code that
+    catches bad arguments as values."""
+
+
+def check_int(name: str, x, *, minimum: int = 1) -> int:
+    """`x` as a Python int >= `minimum` (NumPy integers accepted; bools and floats not)."""
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral):
+        raise ArgumentTypeError(f"`{name}` must be an int >= {minimum}, got {x!r}.")
+    if int(x) < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}, got {int(x)}.")
+    return int(x)
+
+
+def check_dims(name: str, dims, *, min_len: int = 1) -> tuple[int, ...]:
+    """A sequence of positive ints (NumPy integers accepted; floats and bools not)."""
+    if isinstance(dims, (str, bytes)) or not hasattr(dims, "__iter__"):
+        raise ArgumentTypeError(f"`{name}` must be a sequence of positive ints, got {dims!r}.")
+    dims = tuple(dims)
+    if any(isinstance(d, (bool, np.bool_)) or not isinstance(d, numbers.Integral) for d in dims):
+        raise ArgumentTypeError(f"`{name}` must be a sequence of positive ints, got {dims!r}.")
+    dims = tuple(int(d) for d in dims)
+    if len(dims) < min_len or any(d < 1 for d in dims):
+        raise ValueError(f"`{name}` must be at least {min_len} positive int(s), got {dims!r}.")
+    return dims
+
+
+def check_float_dtype(name: str, tree) -> jnp.dtype:
+    """The one real floating dtype of every array in `tree` (weights, values)."""
+    leaves = [x for x in jax.tree.leaves(tree) if eqx.is_array(x)]
+    if not leaves:
+        raise ValueError(f"`{name}` has no arrays.")
+    dtypes = {jnp.dtype(x.dtype) for x in leaves}
+    for dtype in dtypes:
+        if not jnp.issubdtype(dtype, jnp.floating):
+            kind = "complex" if jnp.issubdtype(dtype, jnp.complexfloating) else str(dtype)
+            raise TypeError(
+                f"`{name}` must hold real floating-point arrays (float32 or float64), got "
+                f"{kind}; build it with `dtype=jnp.float64` (or jnp.float32)."
+            )
+    if len(dtypes) > 1:
+        raise TypeError(f"`{name}` mixes dtypes {sorted(map(str, dtypes))}; use one.")
+    (dtype,) = dtypes
+    if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
+        raise TypeError(f"`{name}` must be float32 or float64, got {dtype}.")
+    return dtype
+
+
+def check_nonempty(name: str, tree) -> None:
+    """Every array of `tree` has at least one entry."""
+    for x in jax.tree.leaves(tree):
+        if eqx.is_array(x) and math.prod(x.shape) == 0:
+            raise ValueError(f"`{name}` has an empty weight array (shape {tuple(x.shape)}).")
+
+
+def _show(arr: np.ndarray) -> str:
+    return repr(arr.item()) if arr.size == 1 else np.array2string(arr, threshold=8)
