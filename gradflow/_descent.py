@@ -282,7 +282,7 @@ def descent(
     steps = check_int("steps", steps)
     for name, value in (("t1", t1), ("loss_tol", loss_tol)):
         if value is not None:
-            check_positive(name, value)
+            check_positive(name, value, scalar=True)
     saves = _check_save_steps(steps, save_every, save_steps)
     update, step_size, opt_state, opt_config = _optimizer(optimizer, model, dtype)
     observers = _observers.resolve(observers)

@@ -145,16 +145,16 @@ def check_settings(dtype, *, t1, loss_tol=None, loss_drop=None, radius=None, rto
     the messages (a sweep's grid axis). Returns the checks left for run time."""
     names = names or {}
     label = lambda n: names.get(n, n)
-    pending = check_positive(label("t1"), t1)
+    pending = check_positive(label("t1"), t1, scalar=True)
     if loss_tol is not None and loss_drop is not None:
         raise ValueError("Give at most one of `loss_tol` and `loss_drop`.")
     for name, value in (("loss_tol", loss_tol), ("loss_drop", loss_drop), ("radius", radius),
                         ("atol", atol)):
         if value is not None:
-            pending += check_positive(label(name), value)
+            pending += check_positive(label(name), value, scalar=True)
     if rtol is None:
         return pending
-    pending += check_positive(label("rtol"), rtol, below=1)
+    pending += check_positive(label("rtol"), rtol, below=1, scalar=True)
     floor = MIN_RTOL_EPS * float(jnp.finfo(dtype).eps)
     low = concrete(rtol)
     if low is None:

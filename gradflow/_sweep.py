@@ -208,6 +208,8 @@ def _check_axes(settings, names, members):
     if {"loss_tol", "loss_drop"} <= given:
         raise ValueError("Give at most one of `loss_tol` and `loss_drop` (as settings or "
                          "grid axes).")
+    shared = ("t1", "loss_tol", "loss_drop", "radius", "rtol", "atol")
+    _solve.check_settings(jnp.float64, **{k: settings[k] for k in shared})
     for name in (n for n in names if n in OVERRIDABLE):
         for value in np.unique(members[:, names.index(name)]):
             kw = dict(settings, **{name: float(value)})

@@ -46,8 +46,12 @@ def check_finite(name: str, x) -> list[Pending]:
     return []
 
 
-def check_positive(name: str, x, *, allow_zero: bool = False, below=None) -> list[Pending]:
-    """`x` (a number or array) finite and > 0 (>= 0 with `allow_zero`), and < `below`."""
+def check_positive(name: str, x, *, allow_zero: bool = False, below=None,
+                   scalar: bool = False) -> list[Pending]:
+    """`x` (a number or array; a number if `scalar`) finite and > 0 (>= 0 with
+    `allow_zero`), and < `below`."""
+    if scalar and (isinstance(x, (str, bytes)) or np.ndim(x) != 0):
+        raise ValueError(f"`{name}` must be a number (a scalar), got {x!r}.")
     bound = "must be >= 0" if allow_zero else "must be > 0"
     if below is not None:
         bound += f" and < {below}"

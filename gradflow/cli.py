@@ -4,6 +4,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,11 +13,38 @@ from .experiments import EXPERIMENTS
 from .experiments import _config
 
 
+CACHE_ENV = "GRADFLOW_NO_CACHE"
+"""Set to 1 to run the command line without JAX's persistent compilation cache."""
+
+
+def cache_dir() -> Path:
+    """Where the command line keeps JAX's persistent compilation cache: the compiled
+    XLA programs of the solves it ran, keyed by program and JAX version, so that a
+    second run of the same command skips compilation
+    (`$XDG_CACHE_HOME/gradflow/jax`, by default `~/.cache/gradflow/jax`)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "gradflow" / "jax"
+
+
+def _use_cache(enabled: bool) -> None:
+    if not enabled or os.environ.get(CACHE_ENV, "0") not in ("0", "", "false", "no"):
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="gradflow",
         description="Exact gradient flow of factorized models, and the theory checked on it.",
     )
+    parser.add_argument("--no-cache", action="store_true",
+                        help="do not use JAX's persistent compilation cache (kept in "
+                             f"{cache_dir()}; the environment variable {CACHE_ENV}=1 does "
+                             "the same)")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a named experiment (writes PNG + JSON)")
     run_sub = run.add_subparsers(dest="experiment", required=True)
@@ -38,7 +66,7 @@ def main(argv=None) -> int:
     for name, module in EXPERIMENTS.items():
         if not hasattr(module, "sweep_setup"):
             continue
-        p = sweep_sub.add_parser(name, help=module.__doc__.splitlines()[0],
+        p = parsers["sweep " + name] = sweep_sub.add_parser(name, help=module.__doc__.splitlines()[0],
                                  description=module.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
@@ -62,10 +90,11 @@ def main(argv=None) -> int:
                         help="modules or .py files that register more checks first")
     verify.add_argument("--list", action="store_true", help="list the checks and exit")
     args = parser.parse_args(argv)
+    _use_cache(not args.no_cache)
     if args.command == "verify":
         return _verify(args, verify)
     if args.command == "sweep":
-        return _sweep(args)
+        return _sweep(args, parsers["sweep " + args.experiment])
     module, p = EXPERIMENTS[args.experiment], parsers[args.experiment]
     out = args.out or Path("runs") / args.experiment
     if out.exists() and not out.is_dir():
@@ -77,7 +106,12 @@ def main(argv=None) -> int:
         module.run(config, out=out, progress=not args.quiet)
     else:
         out.mkdir(parents=True, exist_ok=True)
-        module.run(args, out, progress=not args.quiet)
+        try:
+            module.run(args, out, progress=not args.quiet)
+        except (ValueError, TypeError) as error:
+            if not _names_an_argument(error):
+                raise
+            p.error(_flag_names(str(error), args))
     print(f"[{args.experiment}] done in {time.perf_counter() - start:.1f}s; "
           f"results in {out}/", flush=True)
     return 0
@@ -93,16 +127,32 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _sweep(args) -> int:
+def _names_an_argument(error: Exception) -> bool:
+    """A validation error (it names an argument in backquotes), not a crash."""
+    return "`" in str(error)
+
+
+def _flag_names(message: str, args) -> str:
+    """`loss_drop` -> `--loss-drop` for the flags of this command."""
+    for name in vars(args):
+        message = message.replace(f"`{name}`", f"`--{name.replace('_', '-')}`")
+    return message
+
+
+def _sweep(args, parser) -> int:
     from . import sweep_report
 
     module = EXPERIMENTS[args.experiment]
     out = args.out or Path("runs") / f"sweep-{args.experiment}"
+    if out.exists() and not out.is_dir():
+        parser.error(f"argument --out: {out} exists and is not a folder")
     start = time.perf_counter()
     try:
         summary = sweep_report.run(module, args, out, progress=not args.quiet)
-    except ValueError as error:
-        raise SystemExit(f"gradflow sweep: {error}")
+    except (ValueError, TypeError) as error:
+        if not _names_an_argument(error):
+            raise
+        parser.error(_flag_names(str(error), args))
     if not args.quiet:
         for row in summary["per_scale"]:
             print(json.dumps(row), flush=True)

@@ -22,11 +22,18 @@ def parse_scales(text: str) -> np.ndarray:
     try:
         if ":" in text:
             start, stop, num = text.split(":")
-            values = np.geomspace(float(start), float(stop), int(num))
+            start, stop, num = float(start), float(stop), int(num)
         else:
             values = np.array([float(v) for v in text.split(",")])
     except ValueError:
         raise ValueError(f"`--scales`: expected START:STOP:NUM or a comma list, got {text!r}.")
+    if ":" in text:
+        if not (start > 0 and stop > 0 and np.isfinite(start) and np.isfinite(stop)):
+            raise ValueError(f"`--scales`: START and STOP must be positive and finite (a "
+                             f"geometric grid), got {text!r}.")
+        if num < 1:
+            raise ValueError(f"`--scales`: NUM must be at least 1, got {text!r}.")
+        values = np.geomspace(start, stop, num)
     if values.size < 1 or np.any(values <= 0) or not np.all(np.isfinite(values)):
         raise ValueError(f"`--scales` must be positive and finite, got {text!r}.")
     return values
