@@ -2,7 +2,7 @@
 
 - `time_changed_solve`: an explicit Diffrax solver (Tsit5) on the time-changed flow
   $d\\theta/d\\tau=-\\nabla\\phi/s$, $dt/d\\tau=1/s$ with $s=\\|\\nabla\\phi\\|$
-  (DESIGN.md, "Float64 time resolution"), observed at given *physical* times by a
+  (docs: Concepts › The flow, "Float64 time resolution"), observed at given *physical* times by a
   bisection on each step's dense output. Its own adaptive loop (Diffrax's step and
   PID controller), because Diffrax saves at solver times (here: tau), not at values of a
   state component.

@@ -127,40 +127,48 @@ def main(args):
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "costs"}), flush=True)
                 _common.write_results("htf_partial", {"rows": rows}, quiet=True)
-    summary = _summary(rows, args)
-    _common.write_results("htf", dict(rows=rows, summary=summary, args=vars(args)), args.out)
-    _print_table(rows, summary)
+    summary = _summary(rows, args.widths, args.stds)
+    table = markdown_table(rows, summary)
+    _common.write_results("htf", dict(rows=rows, summary=summary, args=vars(args), table=table),
+                          args.out)
+    print("\n" + table)
 
 
-def _summary(rows, args) -> dict:
+def _summary(rows, widths, stds) -> dict:
     default = [r for r in rows if r["solver"] == "default" and r["status"] == "loss"]
     out = {}
-    for width in args.widths:
+    for width in widths:
         mine = {r["std"]: r for r in default if r["width"] == width}
         if len(mine) >= 2:
             lo, hi = mine[min(mine)], mine[max(mine)]
             out[f"width {width}: cost(std {lo['std']:g}) / cost(std {hi['std']:g})"] = {
                 "steps": lo["steps"] / hi["steps"],
                 "equivalents": lo["equivalents"] / hi["equivalents"]}
-    for std in args.stds:
+    for std in stds:
         steps = [r["steps"] for r in default if r["std"] == std]
         if len(steps) >= 2:
             out[f"std {std:g}: step spread across widths (max/min)"] = max(steps) / min(steps)
     return out
 
 
-def _print_table(rows, summary):
-    print("\n| width | std | solver | status | steps (rejected) | explicit / W | "
-          "linearisations | equivalents | wall | t at stop | error |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+def markdown_table(rows, summary) -> str:
+    """The rows as a Markdown table, then the summary's ratios as a list."""
+    lines = ["| width | std | solver | status | steps (rejected) | explicit / W | "
+             "linearisations | equivalents | wall | t at stop | error |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         kinds = (f"{r['explicit_steps']} / {r['stiff_steps']}" if "stiff_steps" in r else "–")
-        print(f"| {r['width']} | {r['std']:g} | {r['solver']} | {r['status']} | "
-              f"{r['steps']:,} ({r['rejected']:,}) | {kinds} | {r.get('linearisations', '–')} | "
-              f"{r['equivalents']:,.0f} | {r['wall_s']:.1f} s | {r['t_final']:.2g} | "
-              f"{r['error']:.3g} |")
+        lines.append(
+            f"| {r['width']} | {r['std']:g} | {r['solver']} | {r['status']} | "
+            f"{r['steps']:,} ({r['rejected']:,}) | {kinds} | {r.get('linearisations', '–')} | "
+            f"{r['equivalents']:,.0f} | {r['wall_s']:.1f} s | {r['t_final']:.2g} | "
+            f"{r['error']:.3g} |")
+    lines.append("")
     for key, value in summary.items():
-        print(f"- {key}: {value}")
+        shown = (", ".join(f"{k} {v:.2f}×" for k, v in value.items())
+                 if isinstance(value, dict) else f"{value:.2f}×")
+        lines.append(f"- {key}: {shown}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -132,7 +132,7 @@ def main(args=None):
                   f"({100 * r['gave_up_at_fraction_of_t']:.1f}% of gradflow's stop time"
                   f"{extra})")
     targets = {}
-    for name, (kind, solver, stiff_name) in methods.items():
+    for name, (_kind, solver, _stiff) in methods.items():
         if not isinstance(solver, gf.RosenbrockW) or len(args.stds) < 2:
             continue
         lo, hi = results[(name, args.stds[0])], results[(name, args.stds[-1])]

@@ -7,6 +7,8 @@
     .venv/bin/python benchmarks/run.py compile         [--quick]         # 5
     .venv/bin/python benchmarks/run.py sweep           [--quick]         # issue 6
     .venv/bin/python benchmarks/run.py htf             [--quick] [...]   # issue 15
+    .venv/bin/python benchmarks/run.py default-solver  [--quick] [...]   # issue 15
+    .venv/bin/python benchmarks/run.py diagonal        [--quick] [...]   # issue 18
     .venv/bin/python benchmarks/run.py report          # docs/benchmarks.md from results/
 
 Each prints its table and writes JSON under `benchmarks/results/`; `--help` after a
@@ -19,14 +21,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import compile_time  # noqa: E402
-import htf  # noqa: E402
-import init_scale  # noqa: E402
-import report  # noqa: E402
-import sweep  # noqa: E402
-import torch_gd  # noqa: E402
-import vector_field  # noqa: E402
-import work_precision  # noqa: E402
+import compile_time
+import default_solver
+import diagonal
+import htf
+import init_scale
+import report
+import sweep
+import torch_gd
+import vector_field
+import work_precision
 
 COMMANDS = {
     "init-scale": init_scale,
@@ -36,6 +40,8 @@ COMMANDS = {
     "compile": compile_time,
     "sweep": sweep,
     "htf": htf,
+    "default-solver": default_solver,
+    "diagonal": diagonal,
     "report": report,
 }
 

@@ -23,8 +23,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import gradflow as gf  # noqa: E402
-from _common import table, write_results  # noqa: E402
+import gradflow as gf
+from _common import table, write_results
 
 DIMS = (4, 4, 4)
 TRUTH = gf.random_cp_tensor(jr.key(0), DIMS, 2)

@@ -13,9 +13,17 @@
    `gradflow.flow`, carry an autorefs anchor `[](){#gradflow.flow}` above the directive
    that renders it); a missing one is a warning, which `mkdocs build --strict` turns
    into a failed build.
+3. **MathJax, served with the site.** MathJax 3's browser bundle `tex-mml-chtml.js` and
+   the files it loads on demand (its CHTML fonts, the TeX extensions it autoloads, the
+   accessibility components of its menu) are copied from the installed
+   `django-static-mathjax` package (a dependency of the `docs` extra; it ships MathJax's
+   `es5/` directory) to `javascripts/mathjax/` in the site, which `mkdocs.yml`'s
+   `extra_javascript` loads: the pages load no script from a CDN, and the math renders
+   offline. Without the package the build fails with a warning that says what to install.
 """
 
 import ast
+import importlib.metadata
 import logging
 import re
 import time
@@ -58,7 +66,47 @@ def tutorial_script(markdown: str, stem: str) -> str:
     return header + "\n\n" + "\n\n".join(blocks) + "\n"
 
 
+MATHJAX_DIST = "django-static-mathjax"  # the PyPI distribution that ships MathJax 3's es5/
+MATHJAX_DEST = "javascripts/mathjax"  # where it is served in the site (see mkdocs.yml)
+# What of es5/ the page needs: the combined bundle, and what it loads from next to itself.
+_MATHJAX_FILES = ("tex-mml-chtml.js", "LICENSE")
+_MATHJAX_DIRS = ("output/chtml", "input/tex/extensions", "ui", "a11y", "sre")
+
+
+def mathjax_es5() -> Path | None:
+    """The `es5/` directory of the installed MathJax 3 package, or None if it is absent."""
+    try:
+        dist = importlib.metadata.distribution(MATHJAX_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    es5 = Path(dist.locate_file("mathjax/static/mathjax/es5"))
+    return es5 if (es5 / "tex-mml-chtml.js").is_file() else None
+
+
+def _mathjax_files(config):
+    es5 = mathjax_es5()
+    if es5 is None:
+        log.warning(
+            f"MathJax: the `{MATHJAX_DIST}` package is not installed, so the site would have "
+            f"no math rendering: `pip install -e '.[docs]'` (or `pip install {MATHJAX_DIST}`)."
+        )
+        return []
+    sources = [es5 / name for name in _MATHJAX_FILES if (es5 / name).is_file()]
+    if not (es5 / "LICENSE").is_file() and (es5.parent / "LICENSE").is_file():
+        sources.append(es5.parent / "LICENSE")  # MathJax's Apache-2.0 licence, served with it
+    for folder in _MATHJAX_DIRS:
+        sources.extend(sorted(p for p in (es5 / folder).rglob("*") if p.is_file()))
+    out = []
+    for src in sources:
+        rel = src.relative_to(es5) if src.is_relative_to(es5) else Path(src.name)
+        uri = f"{MATHJAX_DEST}/{rel.as_posix()}"
+        out.append(File.generated(config, uri, abs_src_path=str(src)))
+    return out
+
+
 def on_files(files, config):
+    for file in _mathjax_files(config):
+        files.append(file)
     docs = Path(config["docs_dir"])
     for page in sorted((docs / "tutorials").glob("*.md")):
         if page.stem == "index":

@@ -21,6 +21,7 @@ from ._flow import final_state as final_state
 from ._flow import FinalState as FinalState
 from ._flow import flow as flow
 from ._flow import FlowError as FlowError
+from ._flow import AccuracyWarning as AccuracyWarning
 from ._status import Status as Status
 from ._sweep import sweep as sweep
 from ._sweep import SweepResult as SweepResult
@@ -34,8 +35,10 @@ from .models import AbstractBlockFactorization as AbstractBlockFactorization
 from .models import AbstractFactorization as AbstractFactorization
 from .models import CP as CP
 from .models import DeepMatrix as DeepMatrix
+from .models import DiagonalNet as DiagonalNet
 from .models import HTF as HTF
 from .models import ModeTree as ModeTree
+from .objectives import AbsoluteLoss as AbsoluteLoss
 from .objectives import AbstractLoss as AbstractLoss
 from .objectives import AbstractObjective as AbstractObjective
 from .objectives import Completion as Completion

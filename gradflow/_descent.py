@@ -69,7 +69,7 @@ class RmsNormalizedState(NamedTuple):
 def rms_normalized(
     learning_rate: float | optax.Schedule, decay: float = 0.99, eps: float = 1e-6
 ) -> optax.GradientTransformation:
-    r"""The TF/HTF papers' adaptive step (`GroupRMSprop`, THEORY.md §0) as Optax.
+    r"""The TF/HTF papers' adaptive step (`GroupRMSprop` of their official code) as Optax.
 
     One scalar for all parameters together:
     $v_k=\beta v_{k-1}+(1-\beta)\sum_{\text{all params}}\|g_k\|^2$ ($v_0=0$) and
@@ -395,7 +395,7 @@ def _optimizer(optimizer, model, dtype):
         raise TypeError(
             "`optimizer` must be a learning rate or an `optax.GradientTransformation`, "
             f"got {optimizer!r}."
-        )
+        ) from None
     if lr.shape != ():
         raise ValueError(f"`optimizer` (a learning rate) must be a scalar, got shape {lr.shape}.")
     rate = float(lr)

@@ -7,6 +7,7 @@ build and run the same solve (`gradflow._solve`).
 """
 
 import time
+import warnings
 from typing import Any, NamedTuple
 
 import diffrax as dfx
@@ -163,7 +164,8 @@ def flow(
             "rejected_steps": int(out.stats["num_rejected_steps"]),
             "gradient_evaluations": gradient_evaluations(problem.solver, out.stats),
             "wall_time": wall,
-            **{k: int(v) for k, v in out.stats.items() if not k.startswith("num_")},
+            **{k: v.item() for k, v in jax.device_get(out.stats).items()
+               if not k.startswith("num_")},
         },
         config={
             "solver": type(problem.solver).__name__,
@@ -177,9 +179,24 @@ def flow(
             "dtype": str(problem.dtype),
         },
     )
+    drift = trajectory.stats.get("conservation_drift")
+    if drift is not None and not drift <= AccuracyWarning.threshold:
+        warnings.warn(
+            f"the model's conserved quantities drifted by {drift:.2g} (relative) during the "
+            f"solve, at rtol {float(problem.rtol):g}: the trajectory is not the exact flow "
+            "to this accuracy; lower `rtol`.", AccuracyWarning, stacklevel=2)
     if throw and not trajectory.ok:
         raise FlowError(trajectory)
     return trajectory
+
+
+class AccuracyWarning(UserWarning):
+    """Warned by [`gradflow.flow`][] when the solve visibly departed from the exact flow:
+    the quantities gradient flow conserves (`AbstractFactorization.conserved`) drifted
+    by more than `AccuracyWarning.threshold` (1e-3) relative to their scale
+    (`trajectory.stats["conservation_drift"]`)."""
+
+    threshold = 1e-3
 
 
 def gradient_evaluations(solver, stats) -> int | None:
@@ -196,7 +213,7 @@ def gradient_evaluations(solver, stats) -> int | None:
 
 @eqx.filter_jit
 def _observed(problem, save_ts, observers, meter):
-    return _solve.run(problem, _solve.observing_subs(save_ts, observers), progress=meter)
+    return _solve.run(problem, save_ts, observers, progress=meter)
 
 
 def _input_error(error: Exception) -> str:

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import diffrax as dfx
 import equinox as eqx
 import jax
-import jax.lax as lax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 import optimistix as optx
@@ -24,8 +24,6 @@ from ._vector_field import vector_field
 from .models.base import AbstractFactorization
 from .objectives import AbstractObjective
 from .solvers import default_solver
-
-TIME_DTYPE = lambda: jnp.result_type(float)  # noqa: E731 (x64 may be switched off later)
 
 DEFAULT_RTOL = {jnp.dtype(jnp.float64): 1e-8, jnp.dtype(jnp.float32): 1e-5}
 """The default `rtol` per dtype of the weights."""
@@ -63,8 +61,8 @@ class Problem(eqx.Module):
 
     @property
     def time_dtype(self):
-        """The dtype of time: JAX's default float (float64 unless x64 is off), so that
-        a float32 model still resolves plateaus of length 1e9 and more."""
+        """The dtype of time: the weights' (Diffrax promotes the state to the time's
+        dtype, so float64 time would run a float32 model in float64)."""
         return self.t1.dtype
 
 
@@ -109,7 +107,7 @@ def build(
     return Problem(
         model=model,
         objective=objective,
-        t1=jnp.asarray(t1, TIME_DTYPE()),
+        t1=jnp.asarray(t1, dtype),
         loss_tol=as_array(loss_tol if loss_drop is None else loss_drop),
         radius=as_array(radius),
         rtol=rtol,
@@ -174,7 +172,7 @@ def check_save_times(save_times, t1) -> np.ndarray:
     try:
         ts = np.asarray(save_times, dtype=float)
     except (TypeError, ValueError):
-        raise TypeError(f"`save_times` must be an array of numbers, got {save_times!r}.")
+        raise TypeError(f"`save_times` must be an array of numbers, got {save_times!r}.") from None
     if ts.ndim != 1 or ts.size < 1:
         raise ValueError(f"`save_times` must be a non-empty 1-d array, got shape {ts.shape}.")
     t1_ = concrete(t1)
@@ -199,20 +197,40 @@ class Outcome(NamedTuple):
     stats: dict
 
 
-def observing_subs(save_ts, observers) -> list:
+def _observing_subs(save_ts, observers) -> list:
     """Observers at `save_ts` and at the end of the solve."""
     observe = lambda t, y, args: {name: fn(t, y, args) for name, fn in observers.items()}
     return [dfx.SubSaveAt(ts=save_ts, fn=observe), dfx.SubSaveAt(t1=True, fn=observe)]
 
 
-def run(problem: Problem, subs=(), *, adjoint=None, progress=None) -> Outcome:
+def conservation_drift(start: AbstractFactorization, end: AbstractFactorization):
+    """The largest change of the model's conserved quantities from `start` to `end`,
+    relative to their scale (see `AbstractFactorization.conserved`); `None` if the
+    model knows none. Exact gradient flow keeps it at rounding level."""
+    if start.conserved() is None:
+        return None
+    (before, scale0), (after, scale1) = start.conserved(), end.conserved()
+    if before.size == 0:
+        return jnp.zeros((), before.dtype)
+    scale = jnp.maximum(jnp.maximum(scale0, scale1), jnp.finfo(before.dtype).tiny)
+    return jnp.max(jnp.abs(after - before)) / scale
+
+
+START = 1e-30
+"""A solve whose stop is already met by the initial model runs from 0 to this time only
+(a step that moves nothing) and is reported as ending at t = 0."""
+
+
+def run(problem: Problem, save_ts=None, observers=None, *, adjoint=None,
+        progress=None) -> Outcome:
     """Integrate `problem` from 0 to `t1`, stopping at the first stop that fires
     (a stop already met at the initial model ends the solve at t = 0).
 
     **Arguments:**
 
-    - `subs`: Diffrax `SubSaveAt`s for what to save (observers); the end model is
-      always saved.
+    - `save_ts`, `observers`: record `{name: fn(t, model, objective)}` at these times
+      and at the end (`Outcome.observed`, with `Outcome.observed_ts`); none if `None`.
+      Saves after the end of the solve hold the end's values.
     - `adjoint`: Diffrax's adjoint (`None`: its default).
     - `progress`: a Diffrax progress meter, or `None`.
     """
@@ -223,16 +241,20 @@ def run(problem: Problem, subs=(), *, adjoint=None, progress=None) -> Outcome:
                          INVALID_LOSS + " (inf or nan); scale the model or the data down.")
     loss_tol = problem.loss_tol * loss0 if problem.relative_loss else problem.loss_tol
     margins = lambda y: stop_margins(y, objective, loss_tol, problem.radius, problem.stops)
-    event = None
+    event, met_at_start, t1 = None, jnp.asarray(False), problem.t1
     if problem.stops:
         met_at_start = jnp.min(jnp.stack(list(margins(model).values()))) <= 0
-        # in the default float dtype: Diffrax pads untriggered events with a Python 0.0
+        t1 = jnp.where(met_at_start, jnp.asarray(START, problem.time_dtype), t1)
+        # The margin in the default float dtype: Diffrax pads the events that did not
+        # fire with a Python 0.0 in a `lax.cond` with it.
         nearest = lambda t, y, args, **kw: jnp.min(jnp.stack(list(margins(y).values()))).astype(
-            problem.time_dtype)
-        already = lambda t, y, args, **kw: met_at_start
+            jnp.result_type(float))
         finfo = jnp.finfo(problem.time_dtype)
-        event = dfx.Event((nearest, already), root_finder=StopTime(rtol=8 * float(finfo.eps),
-                                                                   atol=float(finfo.tiny)))
+        event = dfx.Event(nearest, root_finder=StopTime(rtol=8 * float(finfo.eps),
+                                                        atol=float(finfo.tiny)))
+    subs = []
+    if observers is not None:
+        subs = _observing_subs(jnp.minimum(save_ts, t1), observers)
     kwargs = {} if progress is None else {"progress_meter": progress}
     if adjoint is not None:
         kwargs["adjoint"] = adjoint
@@ -240,7 +262,7 @@ def run(problem: Problem, subs=(), *, adjoint=None, progress=None) -> Outcome:
         dfx.ODETerm(vector_field),
         problem.solver,
         jnp.zeros_like(problem.t1),
-        problem.t1,
+        t1,
         None,
         model,
         objective,
@@ -254,8 +276,9 @@ def run(problem: Problem, subs=(), *, adjoint=None, progress=None) -> Outcome:
     )
     *observed, final = sol.ys
     *observed_ts, t_end = sol.ts
-    t = t_end[0]
     end = jax.tree.map(lambda x: x[0], final)
+    end = jax.tree.map(lambda a, b: jnp.where(met_at_start, a, b), model, end)
+    t = jnp.where(met_at_start, jnp.zeros_like(t_end[0]), t_end[0])
     loss = objective(end)
     finite = jnp.isfinite(t) & jnp.isfinite(loss) & all_finite(end)
     if problem.stops:
@@ -264,10 +287,16 @@ def run(problem: Problem, subs=(), *, adjoint=None, progress=None) -> Outcome:
         stopped = codes[jnp.argmin(jnp.stack(list(fired.values())))]
     else:
         stopped = jnp.asarray(_status.Status.FAILED, jnp.int32)
-    status = _status.traced_code(_solver_code(sol.result), stopped, finite)
+    solver_code = jnp.where(met_at_start, _status.SOLVER_CODES["event"], _solver_code(sol.result))
+    status = _status.traced_code(solver_code, stopped, finite)
     stats = {k: sol.stats[k] for k in ("num_steps", "num_accepted_steps", "num_rejected_steps")}
     if hasattr(problem.solver, "statistics"):  # a solver that counts what its steps did
         stats |= problem.solver.statistics(sol.solver_state)
+    if problem.stops:  # the near-zero solve of a stop met at the start took no steps
+        stats = {k: jnp.where(met_at_start, jnp.zeros_like(v), v) for k, v in stats.items()}
+    drift = conservation_drift(model, end)
+    if drift is not None:
+        stats["conservation_drift"] = drift
     return Outcome(observed, observed_ts, t, end, loss, status, stats)
 
 

@@ -262,7 +262,7 @@ def _member(params, save_ts, problem, settings, solver, observers):
     model, objective = problem(params)
     kw = {k: params.get(k, v) for k, v in settings.items()}
     built = _solve.build(model, objective, solver=solver, **kw)
-    out = _solve.run(built, _solve.observing_subs(save_ts.astype(built.time_dtype), observers))
+    out = _solve.run(built, save_ts.astype(built.time_dtype), observers)
     saved, final = out.observed
     return dict(obs=saved, final=jax.tree.map(lambda x: x[0], final), t_final=out.t,
                 status=out.status, steps=out.stats["num_steps"])

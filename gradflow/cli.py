@@ -66,10 +66,14 @@ def main(argv=None) -> int:
     for name, module in EXPERIMENTS.items():
         if not hasattr(module, "sweep_setup"):
             continue
-        p = parsers["sweep " + name] = sweep_sub.add_parser(name, help=module.__doc__.splitlines()[0],
-                                 description=module.__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_arguments(p)
+        # the sweep's own --scales replaces an experiment's flag of that name
+        p = parsers["sweep " + name] = sweep_sub.add_parser(
+            name, help=module.__doc__.splitlines()[0], description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter, conflict_handler="resolve")
+        if hasattr(module, "Config"):
+            _config.add_arguments(p, module.Config)
+        else:
+            module.add_arguments(p)
         p.add_argument("--scales", default="1e-1:1e-3:5",
                        help="init scales: START:STOP:NUM (geometric) or a comma list")
         p.add_argument("--seeds", type=int, default=2, help="seeds per scale")
@@ -88,7 +92,10 @@ def main(argv=None) -> int:
     verify.add_argument("--json", type=Path, metavar="FILE", help="also write the results here")
     verify.add_argument("--import", dest="imports", nargs="+", default=[], metavar="MODULE",
                         help="modules or .py files that register more checks first")
-    verify.add_argument("--list", action="store_true", help="list the checks and exit")
+    verify.add_argument("--case", type=_case_index, nargs="+", default=None, metavar="K",
+                        help="run only instance(s) K of each check (the re-run of a failure)")
+    verify.add_argument("--list", action="store_true",
+                        help="list the checks, their instance draws and shapes, and exit")
     args = parser.parse_args(argv)
     _use_cache(not args.no_cache)
     if args.command == "verify":
@@ -146,9 +153,12 @@ def _sweep(args, parser) -> int:
     out = args.out or Path("runs") / f"sweep-{args.experiment}"
     if out.exists() and not out.is_dir():
         parser.error(f"argument --out: {out} exists and is not a folder")
+    settings = (_config.from_args(module.Config, args, parser) if hasattr(module, "Config")
+                else args)
     start = time.perf_counter()
     try:
-        summary = sweep_report.run(module, args, out, progress=not args.quiet)
+        summary = sweep_report.run(module, settings, out, scales=args.scales, seeds=args.seeds,
+                                   chunk_size=args.chunk_size, progress=not args.quiet)
     except (ValueError, TypeError) as error:
         if not _names_an_argument(error):
             raise
@@ -173,8 +183,19 @@ def _import(name: str) -> None:
         importlib.import_module(name)
 
 
+def _case_index(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative int, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative int, got {value}")
+    return value
+
+
 def _verify(args, parser) -> int:
     from . import verify
+    from .verify.registry import describe_bucket
 
     for name in args.imports:
         _import(name)
@@ -185,26 +206,42 @@ def _verify(args, parser) -> int:
     if args.list:
         for check in verify.CHECKS.values():
             print(f"{check.name:<26} {check.statement}\n{'':<26} when: {check.preconditions}")
+            if check.buckets:
+                shapes = "; ".join(f"[{i}] {describe_bucket(b)}"
+                                   for i, b in enumerate(check.buckets))
+                print(f"{'':<26} shapes (instance k in bucket k mod {len(check.buckets)}): "
+                      f"{shapes}")
         return 0
     print(verify.HEADER, flush=True)
 
     def show(result):
         print(verify.format_row(result), flush=True)
         if not result.passed:
-            print(f"{'':<4}worst {result.worst_case}" + (f"; {result.error}" if result.error
-                                                         else ""), flush=True)
+            print(f"{'':<4}failed {result.failed_case}" + (f"; {result.error}" if result.error
+                                                          else ""), flush=True)
+            print(f"{'':<4}re-run: {result.rerun(args.imports)}", flush=True)
 
+    start, cpu = time.perf_counter(), time.process_time()
+    before = verify.registry.compiled_programs()
     try:
-        results = verify.run_checks(args.only, args.cases, args.seed, on_result=show)
+        results = verify.run_checks(args.only, args.cases, args.seed, on_result=show,
+                                    case=args.case)
     except ValueError as error:
-        raise SystemExit(f"gradflow verify: {error}")
+        raise SystemExit(f"gradflow verify: {error}") from None
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     failed = [r.name for r in results if not r.passed]
     print(f"{len(results) - len(failed)}/{len(results)} checks passed"
           + (f"; FAILED: {', '.join(failed)}" if failed else ""), flush=True)
+    programs = {k: v - before[k] for k, v in verify.registry.compiled_programs().items()}
+    print(f"{sum(r.cases for r in results)} instances in {programs['batched']} batched solve "
+          f"programs (+ {programs['alone']} solved alone); {wall:.1f}s wall, {cpu:.1f}s CPU",
+          flush=True)
     if args.json:
         args.json.write_text(json.dumps(
-            {"cases": args.cases, "seed": args.seed,
-             "results": [r.__dict__ | {"passed": r.passed} for r in results]}, indent=2))
+            {"cases": args.cases, "case": args.case, "seed": args.seed,
+             "wall_seconds": wall, "cpu_seconds": cpu,
+             "results": [r.__dict__ | {"passed": r.passed, "rerun": r.rerun(args.imports)}
+                         for r in results]}, indent=2))
     return 1 if failed else 0
 
 

@@ -1,9 +1,11 @@
-"""Completion and sensing objectives, THEORY.md §3.1 and §3.7.
+"""Completion and sensing objectives (docs: Concepts › Objectives; Theory › Theorem 2 and the Huber loss).
 
 An objective is a callable `objective(model) -> scalar`; `jax.grad` of it is (minus)
 the gradient-flow vector field. Losses are averaged over observations,
 $\\mathcal L = \\frac{1}{m}\\sum_i \\ell(\\text{prediction}_i - y_i)$, with
-$\\ell(z) = z^2/2$ (`SquaredLoss`) or the Huber loss of §3.7 (`HuberLoss`).
+$\\ell(z) = z^2/2$ (`SquaredLoss`), the Huber loss of §3.7 (`HuberLoss`) or
+$\\ell(z)=|z|$ (`AbsoluteLoss`). A `Completion` may weight its observations (a 0/1
+mask observes a subset at a fixed shape), and splits into train and test halves.
 """
 
 import abc
@@ -13,11 +15,12 @@ from typing import ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.random as jr
 import numpy as np
 from jax.flatten_util import ravel_pytree
-from jaxtyping import Array, ArrayLike, Float, Int
+from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
-from ._validate import check_dims, check_finite, check_positive, concrete
+from ._validate import check_dims, check_finite, check_int, check_positive, concrete
 from .models.base import AbstractFactorization
 
 
@@ -61,6 +64,26 @@ class HuberLoss(AbstractLoss):
         return jnp.where(a < self.delta, quadratic, linear)
 
 
+class AbsoluteLoss(AbstractLoss):
+    """$\\ell(z) = |z|$ (the $\\ell_1$ loss).
+
+    It is not differentiable at $z=0$; gradflow uses the subgradient $\\operatorname{sign}(z)$,
+    which is 0 at $z=0$ (the minimal-norm subgradient). The vector field is then
+    discontinuous where a residual vanishes: the exact flow (a differential inclusion)
+    slides along $z_i=0$ once it reaches it, while an integrator of $-\\nabla\\phi$
+    makes that residual chatter about 0 with an amplitude set by its step, and an
+    adaptive solver shrinks its steps to keep the chattering within tolerance — expect
+    many steps near the end of a fit. `HuberLoss(delta) / delta` tends to $|z|$ as
+    $\\delta\\to0$ and is the smooth alternative.
+
+    **Arguments:** none.
+    """
+
+    def __call__(self, residual):
+        # z * sign(z) = |z| with derivative sign(z), 0 at z = 0 (jnp.abs's is 1 there).
+        return residual * jnp.sign(residual)
+
+
 class AbstractObjective(eqx.Module):
     """Observations of a tensor and a per-entry loss.
 
@@ -80,6 +103,32 @@ class AbstractObjective(eqx.Module):
         `jax.flatten_util.ravel_pytree` order."""
         flat, unravel = ravel_pytree(model)
         return jax.jacfwd(lambda v: self.predict(unravel(v)))(flat)
+
+    def observe(self, tensor: Float[ArrayLike, "..."]) -> Float[Array, " m"]:
+        """The observed values of a given end tensor (the linear map `predict` applies
+        to `model.full()`)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not define `observe(tensor)`; it is needed for "
+            "gradients in the end tensor (`tensor_gradient`)."
+        )
+
+    def tensor_gradient(self, tensor: Float[ArrayLike, "..."]) -> Float[Array, "..."]:
+        r"""$\nabla\mathcal L(\mathcal W)$: the gradient of the loss in the end tensor
+        $\mathcal W$ = `tensor` (of this objective's `shape`).
+
+        **Arguments:**
+
+        - `tensor`: an end tensor, e.g. `model.full()`.
+
+        **Returns:** an array of the tensor's shape.
+        """
+        tensor = jnp.asarray(tensor)
+        if tuple(tensor.shape) != tuple(self.shape):
+            raise ValueError(
+                f"`tensor` must have the objective's shape {tuple(self.shape)}, got "
+                f"{tuple(tensor.shape)}."
+            )
+        return jax.grad(lambda x: self.loss_at(self.observe(x)))(tensor)
 
     @property
     def num_observations(self) -> int:
@@ -124,13 +173,19 @@ class Completion(AbstractObjective):
     - `shape`: shape of the tensor being completed.
     - `indices`: integer array `(m, order)`, one observed entry per row, no repeats.
     - `values`: the observed values `(m,)`.
-    - `loss`: `SquaredLoss()` (default) or `HuberLoss(delta)`.
+    - `loss`: `SquaredLoss()` (default), `HuberLoss(delta)` or `AbsoluteLoss()`.
     - `dense`: read the observed entries off the full end tensor (`True`) or
       evaluate only the observed entries (`False`). By default (`None`) the full
       tensor is used only when it is small — at most `DENSE_RATIO` times the number
       of observations and at most `DENSE_MAX` entries — because the model's dense
       contraction runs as a matmul (36x faster on the paper's problem, see
       `benchmarks/`), while large tensors are never formed.
+    - `weights`: optional per-observation weights $c_i\\ge0$ `(m,)`, not all zero; the
+      loss is then the weighted mean $\\sum_ic_i\\ell(z_i)/\\sum_ic_i$. A 0/1 mask
+      observes a subset of the rows with the loss normalized over that subset, so the
+      number of observations can vary at a fixed array shape — a traced grid axis of
+      [`gradflow.sweep`][]: `weights=jnp.arange(m) < params["observations"]`.
+      `None` (default) weighs every observation equally.
     """
 
     DENSE_RATIO: ClassVar[int] = 32
@@ -141,15 +196,19 @@ class Completion(AbstractObjective):
     values: Float[Array, " m"]
     loss: AbstractLoss
     dense: bool = eqx.field(static=True)
+    weights: Float[Array, " m"] | None
 
     def __init__(
-        self, shape, indices, values, loss: AbstractLoss | None = None, dense=None
+        self, shape, indices, values, loss: AbstractLoss | None = None, dense=None,
+        weights=None,
     ):
         self.shape = check_dims("shape", shape)
         self.indices = jnp.asarray(indices)
         self.values = _real("values", values)
         self.loss = _check_loss(loss)
         _check_completion(self.shape, self.indices, self.values)
+        self.weights = None if weights is None else _check_weights(
+            weights, self.indices.shape[0])
         if dense is None:
             size = math.prod(self.shape)
             m = self.indices.shape[0]
@@ -161,12 +220,21 @@ class Completion(AbstractObjective):
             return model.full()[tuple(self.indices.T)]
         return model.entries(self.indices)
 
+    def observe(self, tensor):
+        return jnp.asarray(tensor)[tuple(self.indices.T)]
+
     def prediction_jacobian(self, model):
         return model.entries_jacobian(self.indices)
 
+    def loss_at(self, predictions):
+        per_entry = self.loss(predictions - self.values)
+        if self.weights is None:
+            return jnp.mean(per_entry)
+        return jnp.sum(self.weights * per_entry) / jnp.sum(self.weights)
+
     @classmethod
     def from_tensor(
-        cls, tensor: ArrayLike, indices, loss=None, dense=None
+        cls, tensor: ArrayLike, indices, loss=None, dense=None, weights=None
     ) -> "Completion":
         """Observe `tensor` at `indices` (other arguments as in the constructor).
 
@@ -175,7 +243,7 @@ class Completion(AbstractObjective):
         - `tensor`: the (ground-truth) tensor.
         - `indices`: integer array `(m, tensor.ndim)` of distinct entries, e.g. from
           [`gradflow.sample_indices`][].
-        - `loss`, `dense`: as in the constructor.
+        - `loss`, `dense`, `weights`: as in the constructor.
 
         **Returns:** a `Completion` with `values = tensor[indices]`.
 
@@ -189,7 +257,47 @@ class Completion(AbstractObjective):
         tensor = jnp.asarray(tensor)
         indices = jnp.asarray(indices)
         _check_indices(tuple(tensor.shape), indices)
-        return cls(tensor.shape, indices, tensor[tuple(indices.T)], loss, dense)
+        return cls(tensor.shape, indices, tensor[tuple(indices.T)], loss, dense, weights)
+
+    def split(
+        self, key: PRNGKeyArray, test_fraction: float
+    ) -> tuple["Completion", "Completion"]:
+        """A random train/test split of the observed entries, for held-out evaluation.
+
+        The papers report a test error where the full tensor is too large to compare:
+        fit `train`, and observe `test` along the flow with
+        [`gradflow.observers.held_out_loss`][].
+
+        **Arguments:**
+
+        - `key`: a JAX PRNG key.
+        - `test_fraction`: the fraction of the observations held out, in $(0, 1)$;
+          the test set has `round(test_fraction * m)` of them, at least 1, and the
+          train set at least 1.
+
+        **Returns:** `(train, test)`: two `Completion`s of the same shape and loss on
+        disjoint sets of rows whose union is this one's (weights travel with their
+        rows).
+
+        !!! Example
+
+            ```python
+            train, test = objective.split(jr.key(3), 0.2)
+            trajectory = gf.flow(model, train, t1=1e9, observers={"test": gf.observers.held_out_loss(test)})
+            ```
+        """
+        check_positive("test_fraction", test_fraction, below=1)
+        m = self.num_observations
+        if m < 2:
+            raise ValueError(f"`split` needs at least 2 observations, got {m}.")
+        n_test = min(max(int(round(float(test_fraction) * m)), 1), m - 1)
+        order = jr.permutation(key, m)
+        parts = []
+        for rows in (order[n_test:], order[:n_test]):
+            weights = None if self.weights is None else self.weights[rows]
+            parts.append(Completion(self.shape, self.indices[rows], self.values[rows],
+                                    self.loss, None, weights))
+        return parts[0], parts[1]
 
 
 class Sensing(AbstractObjective):
@@ -199,7 +307,7 @@ class Sensing(AbstractObjective):
 
     - `operators`: array `(m, *shape)` of measurement tensors $\\mathcal A_i$.
     - `values`: the measurements `(m,)`.
-    - `loss`: `SquaredLoss()` (default) or `HuberLoss(delta)`.
+    - `loss`: `SquaredLoss()` (default), `HuberLoss(delta)` or `AbsoluteLoss()`.
     """
 
     shape: tuple[int, ...] = eqx.field(static=True)
@@ -226,8 +334,56 @@ class Sensing(AbstractObjective):
         check_finite("values", self.values)
 
     def predict(self, model):
+        return self.observe(model.full())
+
+    def observe(self, tensor):
         flat = self.operators.reshape(self.operators.shape[0], -1)
-        return flat @ model.full().reshape(-1)
+        return flat @ jnp.asarray(tensor).reshape(-1)
+
+    @classmethod
+    def gaussian(
+        cls, key: PRNGKeyArray, tensor: ArrayLike, num: int, loss: AbstractLoss | None = None,
+        std: float | None = None,
+    ) -> "Sensing":
+        r"""Sensing of `tensor` by `num` Gaussian measurement tensors.
+
+        Every entry of every $\mathcal A_i$ is i.i.d. $\mathcal N(0, \mathrm{std}^2)$, by
+        default with $\mathrm{std}=1/\sqrt{D}$, $D=\prod_nd_n$: then
+        $\mathbb E\|\mathcal A_i\|^2=1$, as for the indicator tensor of one observed
+        entry, and a measurement $\langle\mathcal A_i,\mathcal W\rangle\sim
+        \mathcal N(0,\|\mathcal W\|^2/D)$ has the RMS of the tensor's entries, so losses
+        and flow times are on the scale of completion's.
+
+        **Arguments:**
+
+        - `key`: a JAX PRNG key.
+        - `tensor`: the (ground-truth) tensor $\mathcal W^*$, at least 1-d.
+        - `num`: the number of measurements $m\ge1$.
+        - `loss`: as in the constructor.
+        - `std`: the entries' standard deviation (> 0); default $1/\sqrt D$.
+
+        **Returns:** a `Sensing` with $y_i=\langle\mathcal A_i,\mathcal W^*\rangle$.
+
+        !!! Example
+
+            ```python
+            truth = gf.random_cp_tensor(jr.key(0), (6, 6, 6), rank=2)
+            objective = gf.Sensing.gaussian(jr.key(1), truth, 300)
+            ```
+        """
+        tensor = _real("tensor", tensor)
+        if tensor.ndim < 1 or tensor.size == 0:
+            raise ValueError(f"`tensor` must be a non-empty array, got shape {tensor.shape}.")
+        check_finite("tensor", tensor)
+        num = check_int("num", num)
+        if std is None:
+            std = 1.0 / math.sqrt(tensor.size)
+        check_positive("std", std)
+        # drawn as one (num, D) matrix: XLA compiles the generator for a matrix several
+        # times faster than for a high-order array of the same size
+        flat = std * jr.normal(key, (num, tensor.size), tensor.dtype)
+        values = flat @ tensor.reshape(-1)
+        return cls(flat.reshape((num,) + tuple(tensor.shape)), values, loss)
 
 
 def _check_loss(loss) -> AbstractLoss:
@@ -235,7 +391,8 @@ def _check_loss(loss) -> AbstractLoss:
         return SquaredLoss()
     if not isinstance(loss, AbstractLoss):
         raise TypeError(
-            f"`loss` must be a gradflow loss (SquaredLoss(), HuberLoss(delta)), got {loss!r}."
+            f"`loss` must be a gradflow loss (SquaredLoss(), HuberLoss(delta), AbsoluteLoss()), "
+            f"got {loss!r}."
         )
     return loss
 
@@ -245,13 +402,25 @@ def _real(name: str, x):
     try:
         arr = jnp.asarray(x)
     except TypeError:
-        raise TypeError(f"`{name}` must be an array of real numbers, got {type(x).__name__}.")
+        raise TypeError(f"`{name}` must be an array of real numbers, got {type(x).__name__}.") from None
     if jnp.issubdtype(arr.dtype, jnp.complexfloating):
         raise TypeError(f"`{name}` must be real, got complex dtype {arr.dtype}.")
     if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)
             or arr.dtype == jnp.bool_):
         raise TypeError(f"`{name}` must be an array of real numbers, got dtype {arr.dtype}.")
     return arr if jnp.issubdtype(arr.dtype, jnp.floating) else arr.astype(float)
+
+
+def _check_weights(weights, m: int):
+    """Per-observation weights: real, shape `(m,)`, finite, >= 0 and not all 0."""
+    w = _real("weights", weights)
+    if w.shape != (m,):
+        raise ValueError(f"`weights` must have shape ({m},), one per observation, got {w.shape}.")
+    check_positive("weights", w, allow_zero=True)
+    concrete_w = concrete(w)
+    if concrete_w is not None and not np.any(concrete_w > 0):
+        raise ValueError("`weights` must not all be 0 (nothing would be observed).")
+    return w
 
 
 def _check_indices(shape, indices) -> None:

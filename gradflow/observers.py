@@ -6,9 +6,12 @@ signature is an observer; these are the common ones, also addressable by name.
 """
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 
+from ._validate import check_int
 from ._vector_field import rate_along_flow
+from .objectives import AbstractObjective
 
 
 def loss(t, model, objective):
@@ -54,6 +57,135 @@ def component_norm_rates(t, model, objective):
     return rate_along_flow(lambda m: m.component_norms(), model, objective)
 
 
+def factor_norms(t, model, objective):
+    """Frobenius norm of every weight array, in the model's leaf order (CP: one per mode
+    $\\|W^n\\|_F$; `DeepMatrix`: one per layer $\\|W_j\\|_F$, input layer first)."""
+    return jnp.stack([jnp.linalg.norm(x) for x in jax.tree.leaves(model)])
+
+
+def component_cosines(t, model, objective):
+    r"""CP: the cosine similarities of the components' rank-one tensors, `(R, R)`:
+    $\cos(\otimes_n\mathbf w_r^n,\otimes_n\mathbf w_s^n)=\prod_n\langle\hat{\mathbf w}_r^n,
+    \hat{\mathbf w}_s^n\rangle$ (1 on the diagonal; 0 in the rows and columns of a zero
+    component). Its memory is $R^2$ per save: for large $R$ observe the top
+    components only (`top_component_cosines(k)`)."""
+    return _cosines(model.factors)
+
+
+def top_component_cosines(k: int = 10):
+    """An observer: the `(k, k)` cosines of `component_cosines` between the `k`
+    components of largest norm, largest first.
+
+    **Arguments:**
+
+    - `k`: how many components (at most R are used).
+
+    **Returns:** an observer `(t, model, objective) -> (k, k)`.
+    """
+    k = check_int("k", k)
+
+    def top_component_cosines(t, model, objective):
+        top = jax.lax.top_k(model.component_norms(), min(k, model.rank))[1]
+        return _cosines(tuple(f[:, top] for f in model.factors))
+
+    return top_component_cosines
+
+
+def top_column_norms(k: int = 10):
+    """An observer: for every mode $n$ of a CP model, the `k` largest column norms
+    $\\|\\mathbf w_r^n\\|$, shape `(N, k)`, descending in each row (the papers log them
+    per mode; their components need not be the same in every row).
+
+    **Arguments:**
+
+    - `k`: how many columns per mode (at most R are returned).
+
+    **Returns:** an observer `(t, model, objective) -> (N, min(k, R))`.
+    """
+    k = check_int("k", k)
+
+    def top_column_norms(t, model, objective):
+        norms = model.vector_norms()
+        return jax.lax.top_k(norms, min(k, norms.shape[1]))[0]
+
+    return top_column_norms
+
+
+def gradient_alignment(t, model, objective):
+    r"""CP: the cosine between each component's tensor and $-\nabla\mathcal L(\mathcal W_e)$,
+    $\langle-\nabla\mathcal L,\otimes_n\hat{\mathbf w}_r^n\rangle/\|\nabla\mathcal L\|
+    =\gamma_r/\|\nabla\mathcal L(\mathcal W_e)\|$, shape `(R,)`, in $[-1,1]$ (0 where
+    $P_r=0$ or the gradient is 0). The tensor-factorization paper's alignment check:
+    a component grows fastest when it is aligned with $-\nabla\mathcal L$ (value near
+    1). Forms the end tensor."""
+    g = gammas(t, model, objective)
+    size = jnp.linalg.norm(objective.tensor_gradient(model.full()))
+    return jnp.where(size > 0, g / jnp.where(size > 0, size, 1.0), 0.0)
+
+
+def singular_basis_gradient(t, model, objective):
+    r"""Matrices (`DeepMatrix`, or any order-2 model): the end gradient in the singular
+    basis of the end matrix, $G=U^\top\nabla\ell(W)V$ for $W=USV^\top$ (full SVD),
+    summarized: `{"diagonal": diag G (min(d_L, d_0),), "off_diagonal": ||G - diag G||_F,
+    "off_diagonal_fraction": ||G - diag G||_F / ||G||_F}` (0 where $\nabla\ell=0$).
+
+    Arora et al.'s alignment: under gradient flow from small init the singular vectors
+    of $W$ move toward those of the gradient, and the off-diagonal fraction is small
+    while the singular values $\sigma_r$ evolve by $u_r^\top\nabla\ell\,v_r$ (diagonal)."""
+    w = model.full()
+    if w.ndim != 2:
+        raise ValueError(f"`singular_basis_gradient` needs an end matrix, got shape {w.shape}.")
+    u, _, vt = jnp.linalg.svd(w, full_matrices=True)
+    rotated = u.T @ objective.tensor_gradient(w) @ vt.T
+    diagonal = jnp.diagonal(rotated)
+    total = jnp.linalg.norm(rotated)
+    off = jnp.linalg.norm(jnp.where(jnp.eye(*rotated.shape, dtype=bool), 0.0, rotated))
+    return {"diagonal": diagonal, "off_diagonal": off,
+            "off_diagonal_fraction": jnp.where(total > 0, off / jnp.where(total > 0, total, 1.0),
+                                               0.0)}
+
+
+def held_out_loss(test_objective: AbstractObjective):
+    """An observer: the loss of `test_objective` at the model — held-out evaluation,
+    e.g. with the `test` half of [`gradflow.Completion.split`][].
+
+    **Arguments:**
+
+    - `test_objective`: a gradflow objective of the model's shape (cast to the
+      model's dtype when observed).
+
+    **Returns:** an observer `(t, model, objective) -> scalar`.
+
+    !!! Example
+
+        ```python
+        train, test = objective.split(jr.key(0), 0.2)
+        trajectory = gf.flow(model, train, t1=1e9, observers={"test_loss": gf.observers.held_out_loss(test)})
+        ```
+    """
+    if not isinstance(test_objective, AbstractObjective):
+        raise TypeError(f"`test_objective` must be a gradflow objective, got "
+                        f"{type(test_objective).__name__}.")
+
+    def held_out_loss(t, model, objective):
+        test_objective.check_model(model)
+        dtype = jax.tree.leaves(model)[0].dtype
+        return test_objective.astype(dtype)(model)
+
+    return held_out_loss
+
+
+def _cosines(factors):
+    """prod_n of the Gram matrices of the normalized columns (zero columns stay 0)."""
+    out = None
+    for f in factors:
+        norms = jnp.linalg.norm(f, axis=0)
+        unit = f / jnp.where(norms > 0, norms, 1.0)
+        gram = unit.T @ unit
+        out = gram if out is None else out * gram
+    return out
+
+
 def parameters(t, model, objective):
     """The whole model (memory grows with the number of saves; use sparingly)."""
     return model
@@ -69,6 +201,10 @@ BY_NAME = {
         unbalancedness,
         gammas,
         component_norm_rates,
+        factor_norms,
+        component_cosines,
+        gradient_alignment,
+        singular_basis_gradient,
         parameters,
     )
 }

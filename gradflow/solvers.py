@@ -7,7 +7,7 @@ import diffrax as dfx
 import equinox as eqx
 import equinox.internal as eqxi
 import jax
-import jax.lax as lax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 

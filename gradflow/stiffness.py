@@ -20,7 +20,6 @@ import abc
 
 import equinox as eqx
 import jax
-import jax.lax as lax
 import jax.numpy as jnp
 import jax.random as jr
 from jax.flatten_util import ravel_pytree

@@ -1,12 +1,15 @@
 """`gradflow sweep EXPERIMENT`: an experiment's problem over init scales × seeds, and its plot.
 
-An experiment takes part by defining `sweep_setup(args) -> dict` with `problem`
-(`params -> (model, objective)`, reading `params["scale"]` and `params["seed"]`),
-`order` (the N of the escape-time law), and any [`gradflow.sweep`][] settings
+An experiment takes part by defining `sweep_setup(settings) -> dict` (its `Config`, or
+its parsed flags) with `problem` (`params -> (model, objective)`, reading
+`params["scale"]` and `params["seed"]`), `order` (the N of the escape-time law
+α^-(N-2): the degree of the end tensor in the weights — a CP's order, a deep matrix's
+depth, an HTF's number of weight matrices), and any [`gradflow.sweep`][] settings
 (`t1`, `loss_drop`, `rtol`, `save_times`, `observers` with `component_norms` and
 optionally `reconstruction_error`).
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -26,7 +29,7 @@ def parse_scales(text: str) -> np.ndarray:
         else:
             values = np.array([float(v) for v in text.split(",")])
     except ValueError:
-        raise ValueError(f"`--scales`: expected START:STOP:NUM or a comma list, got {text!r}.")
+        raise ValueError(f"`--scales`: expected START:STOP:NUM or a comma list, got {text!r}.") from None
     if ":" in text:
         if not (start > 0 and stop > 0 and np.isfinite(start) and np.isfinite(stop)):
             raise ValueError(f"`--scales`: START and STOP must be positive and finite (a "
@@ -121,16 +124,22 @@ def figure(result: SweepResult, summary: dict, order: int, path) -> None:
     plotting.save(fig, path)
 
 
-def run(module, args, out: Path, progress: bool = True) -> dict:
-    """The `gradflow sweep` command: solve, write chunks, the PNG and `summary.json`."""
-    setup = module.sweep_setup(args)
+def run(module, settings, out: Path, *, scales: str, seeds: int, chunk_size: int,
+        progress: bool = True) -> dict:
+    """The `gradflow sweep` command: solve, write chunks, the PNG and `summary.json`.
+
+    `settings` is the experiment's `Config` (or its parsed flags), `scales` the
+    `--scales` text, `seeds` the seeds per scale."""
+    setup = module.sweep_setup(settings)
     problem, order = setup.pop("problem"), setup.pop("order")
-    grid = {"scale": parse_scales(args.scales), "seed": np.arange(args.seeds)}
+    grid = {"scale": parse_scales(scales), "seed": np.arange(seeds)}
+    values = (dataclasses.asdict(settings) if dataclasses.is_dataclass(settings)
+              else vars(settings))
     tag = {"experiment": module.NAME} | {
-        k: v for k, v in vars(args).items()
+        k: v for k, v in values.items()
         if k not in ("out", "quiet", "command", "experiment", "scales", "seeds", "func",
-                     "chunk_size")}
-    result = sweep(problem, grid, out=out, chunk_size=args.chunk_size, order_by="scale",
+                     "chunk_size", "no_cache")}
+    result = sweep(problem, grid, out=out, chunk_size=chunk_size, order_by="scale",
                    tag=json.loads(json.dumps(tag, default=str)), progress=progress, **setup)
     summary = summarize(result, order)
     figure(result, summary, order, out / f"sweep-{module.NAME}.png")

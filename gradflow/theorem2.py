@@ -1,6 +1,7 @@
 r"""Theorem 2 of the tensor-factorization paper: CP under Huber loss follows a rank-one trajectory.
 
-THEORY.md §3.7–3.9. Under Assumption 1 (Huber $\delta_h<|y|$ on every observation),
+Razin, Maman & Cohen (ICML 2021), §4, Theorem 2 (docs: Theory › Theorem 2 and the Huber
+loss, §3.7–3.9). Under Assumption 1 (Huber $\delta_h<|y|$ on every observation),
 Assumption 2 (balanced init) and Assumption 3 (one component aligned with
 $-\nabla\mathcal L(0)$ and large enough compared with the others), gradient flow from
 $\alpha\,\mathbf a$ reaches the sphere $\|\mathcal W\|=\rho$ at a time $t_S$, and from
@@ -296,7 +297,7 @@ def protocol(
     max_steps: int = 100_000,
     progress=None,
 ) -> Theorem2Result:
-    r"""Run THEORY.md §3.9's protocol for Theorem 2 at each init scale in `alphas`.
+    r"""Run Theorem 2's numerical protocol (docs: Theory › Theorem 2, §3.9) for each `alphas`.
 
     For each $\alpha$:
 

@@ -1,3 +1,3 @@
 """Compatibility: the oracles live in `gradflow.analysis.closed_forms`."""
 
-from gradflow.analysis.closed_forms import *  # noqa: F401,F403
+from gradflow.analysis.closed_forms import *  # noqa: F403

@@ -26,7 +26,7 @@ def test_rc_norms_bounds_hold_and_norms_grow(tmp_path):  # §2.3, §2.4 along wh
     depth3 = results["unperturbed"]["depth3"]
     assert depth3["status"] == "loss" and depth3["det_sign_kept_to_end"]
     assert depth3["bounds"]["holds"] and depth3["bounds"]["saves_checked"] > 100
-    # |w11| ~ 1/s: the bound (1-s)^2/s is asymptotically tight (THEORY §2.3 [NUM])
+    # |w11| ~ 1/s: the bound (1-s)^2/s is asymptotically tight (docs: theory/razin-cohen)
     assert abs(depth3["abs_w11_times_s_at_that_loss"] - 1) < 0.01
     assert depth3["final_abs_w11"] > 100 and depth3["final_rank_subopt"] < 1e-6
     for eps in ("eps0", "eps0.5"):
@@ -48,3 +48,20 @@ def test_mf_incremental_depth_lowers_rank(tmp_path):  # §1.5–1.6 at small siz
     order = deep["learning_order"]  # largest singular value learned first, then the next
     assert order[0] < order[1] < order[2]
     assert (tmp_path / "mf-incremental.png").stat().st_size > 10_000
+
+
+def test_the_cli_keeps_compiled_programs_in_a_per_user_cache(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, jax\nfrom gradflow import cli\ncli._use_cache(True)\n"
+            "x = jax.jit(lambda v: (v * 2.0).sum())\n"
+            "import jax.numpy as jnp\nprint(x(jnp.ones(3)))\n"
+            "print(jax.config.jax_compilation_cache_dir)\n")
+    for off, expected in (("0", str(tmp_path / "gradflow" / "jax")), ("1", "None")):
+        env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path), GRADFLOW_NO_CACHE=off)
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.split()[-1] == expected

@@ -1,4 +1,4 @@
-"""Gradient flow of CP factorizations against THEORY.md oracles (§3, §5)."""
+"""Gradient flow of CP factorizations against the oracles of the docs' theory pages (§3, §5)."""
 
 import diffrax as dfx
 import jax
@@ -52,7 +52,7 @@ def test_orthogonally_decomposable_incremental():  # §5.3
     idx = jnp.stack(jnp.unravel_index(jnp.arange(d**n), (d,) * n), axis=1)
     objective = gf.Completion.from_tensor(truth, idx)
     model = gf.CP(tuple(a * u for u in us))
-    scale = d**n  # the objective averages over the 27 entries; THEORY sums
+    scale = d**n  # the objective averages over the 27 entries; §5's formulas sum
     t_end = scale * product_flow_time(a**n, 0.8 * c[-1], c[-1], n)
     tr = gf.flow(model, objective, t1=t_end, save_times=np.linspace(0, t_end, 200), **TIGHT)
     p = tr["component_norms"]

@@ -89,7 +89,7 @@ def test_gd_converges_to_flow_first_order():
 
 
 def test_rms_normalized_is_a_time_change_of_the_flow():
-    # THEORY §0: every step is a multiple h_k of −g, so at the clock t = Σh_k the
+    # GroupRMSprop (gf.rms_normalized): every step is a multiple h_k of −g, so at the clock t = Σh_k the
     # iterates approach the flow at first order. The EMA over ~1/(1−β) = 100 steps
     # lags by O(η/(1−β)) in time, so the order approaches 1 only as η shrinks
     # (measured local orders 0.917, 0.959, 0.979: the deviation halves with η).
@@ -134,8 +134,8 @@ def test_rms_normalized_matches_group_rmsprop():  # the official code's formula,
 
 @pytest.mark.parametrize("problem", [cp_problem, dmf_problem])
 def test_one_step_conservation_change_is_exact(problem):
-    # THEORY §3.2 / §1.2: one step of size h along −g changes the conserved quantities
-    # by exactly h²Q(g). Measured residuals: CP 1.3e-13 (GD), 4.9e-15 (rms);
+    # Lemma 1 / balancedness (docs: theory/lemma1, theory/balancedness): one step of size
+    # h along −g changes the conserved quantities by exactly h²Q(g). Measured residuals: CP 1.3e-13 (GD), 4.9e-15 (rms);
     # DMF 3.8e-15 (GD), 4.4e-14 (rms). The floor is ε·max|Q| / max|ΔQ| ≈ 1e-13 here.
     model, objective = problem()
 

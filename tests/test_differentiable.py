@@ -1,7 +1,8 @@
 """Differentiable simulation: derivatives of the flow's end state through the Diffrax solve.
 
 Oracles: central finite differences of the same solve (float64, rtol 1e-10 to 1e-12),
-and the exact hitting time of THEORY §5.4 (constant γ under the Huber loss, §3.8).
+and the exact hitting time of docs/theory/escape-times (constant γ under the Huber loss,
+docs/theory/theorem2 §3.8).
 Derivatives are taken with respect to the init scale α, the initial weights (along a
 random direction) and the observed values (along a random direction).
 """

@@ -1,4 +1,4 @@
-"""Hierarchical tensor factorization against THEORY.md §4 oracles (checks H1–H4)."""
+"""Hierarchical tensor factorization against the docs' §4 theory pages (checks H1–H4)."""
 
 import equinox as eqx
 import jax

@@ -1,8 +1,10 @@
-"""The HTF experiments (`htf-incremental`, `compare-factorizations`) end to end, at tiny size."""
+"""The HTF experiments (`htf-incremental`, `compare-factorizations`) end to end, at tiny size,
+and the sweeps of the HTF and deep-matrix experiments."""
 
 import json
 
 import numpy as np
+import pytest
 
 import gradflow as gf
 from gradflow.cli import main
@@ -52,7 +54,7 @@ def test_htf_incremental_learns_low_hierarchical_rank(tmp_path):  # §4.2–§4.
 
 def test_htf_incremental_balanced_init_follows_the_law_exactly(tmp_path):  # §4.5 corollary
     argv = ["run", "htf-incremental", "--init", "balanced", "--stds", "0.1", "--escape", "0",
-            *TINY_HTF, "--out", str(tmp_path)]
+            "--rtol", "1e-9", *TINY_HTF, "--out", str(tmp_path)]
     assert main(argv) == 0
     r = json.loads((tmp_path / "summary.json").read_text())["results"]["0.1"]
     assert r["status"] == "loss" and r["t_escape"] == 0
@@ -79,3 +81,54 @@ def test_compare_factorizations_one_figure_three_models(tmp_path):
     assert results["htf"]["rank"] == [2, 2]
     assert results["mf"]["shape"] == [8, 8] and results["htf"]["shape"] == [3, 3, 3, 3]
     assert (tmp_path / "compare-factorizations.png").stat().st_size > 10_000
+
+
+def test_htf_incremental_config_from_python_and_its_defaults():
+    from gradflow.experiments import htf_incremental as hi
+
+    config = hi.Config()  # the paper's settings
+    assert config.widths == (512, 512) and 0.01 in config.stds and config.solver == "default"
+    assert config.observations == 2048 and config.truth_ranks == (5, 5)
+    for bad, name in (({"widths": (8,)}, "widths"), ({"stds": (0.1, -1.0)}, "stds"),
+                      ({"node": (0, 2)}, "node"), ({"rtol": 2.0}, "rtol"),
+                      ({"observations": 10**6}, "observations")):
+        with pytest.raises(ValueError, match=f"`{name}`"):
+            hi.Config(**bad)
+    from gradflow.experiments import compare_factorizations as cf
+
+    assert cf.Config().htf_widths == (512, 512) and cf.Config().htf_solver == "default"
+    with pytest.raises(ValueError, match="`htf_widths`"):
+        cf.Config(htf_widths=(4, 4, 4))
+
+
+def test_htf_incremental_bad_flag_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "htf-incremental", "--widths", "8", "--out", "/nonexistent/never"])
+    assert exit_.value.code == 2 and "`--widths` must be 2 ints" in capsys.readouterr().err
+
+
+def test_htf_sweep_fits_the_escape_exponent(tmp_path):
+    # every weight scaled by α: the end tensor is a degree-7 polynomial in the weights of
+    # the order-4 binary tree, so the plateau grows like α^-5
+    argv = ["sweep", "htf-incremental", *TINY_HTF[:-1], "--scales", "0.1,0.05",
+            "--seeds", "1", "--rtol", "1e-6", "--out", str(tmp_path), "--quiet"]
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["expected_slope"] == -5
+    assert [r["ok"] for r in summary["per_scale"]] == [1, 1]
+    assert -6.5 < summary["escape_time_slope"] < -3.5
+
+
+def test_mf_sweep_fits_the_escape_exponent(tmp_path):
+    # depth 3: the end matrix is cubic in the weights, the plateau grows like α^-1
+    argv = ["sweep", "mf-incremental", "--dim", "6", "--truth-rank", "2", "--observations",
+            "24", "--depths", "3", "--loss-drop", "1e-4", "--t1", "1e8", "--rtol", "1e-7",
+            "--scales", "0.1,0.03", "--seeds", "1", "--out", str(tmp_path), "--quiet"]
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["expected_slope"] == -1
+    assert [r["ok"] for r in summary["per_scale"]] == [1, 1]
+    assert -1.6 < summary["escape_time_slope"] < -0.6
+    with pytest.raises(SystemExit) as exit_:  # depth 2 has no power law to fit
+        main([*argv[:9], "2", *argv[10:]])
+    assert exit_.value.code == 2

@@ -1,4 +1,4 @@
-"""Gradient flow of deep matrix factorizations against THEORY.md oracles (§1, §2, §5.2)."""
+"""Gradient flow of deep matrix factorizations against the docs' theory oracles (§1, §2, §5.2)."""
 
 import math
 
@@ -38,7 +38,7 @@ def aligned_problem(y, sigma0, dims, seed=0):
 def test_aligned_full_observation_logistic_l2():  # §5.2 with §5.1's L = 2 closed form
     y, sigma0 = np.array([2.0, 1.0, 0.5]), np.array([0.03, 0.02, 0.01])
     model, objective, m = aligned_problem(y, sigma0, (3, 5, 4))
-    # the objective averages over the m = 12 entries, THEORY sums: flow time = m × theory time
+    # the objective averages over the m = 12 entries, §5.2 sums: flow time = m × theory time
     ts = np.linspace(0, 10 * m, 50)
     tr = gf.flow(model, objective, t1=ts[-1], save_times=ts, **TIGHT)
     assert tr.ok and tr.config["solver"] == "AutoStiff"  # gf.flow's default for every model

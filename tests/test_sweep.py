@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import jax.numpy as jnp
-import jax.random as jr
 import numpy as np
 import pytest
 
@@ -17,7 +16,7 @@ import gradflow as gf
 from gradflow.cli import main
 
 sys.path.insert(0, str(Path(__file__).parent))
-import sweep_job  # noqa: E402
+import sweep_job
 
 JOB = Path(__file__).parent / "sweep_job.py"
 
@@ -130,7 +129,7 @@ def test_cli_sweep_plot_and_escape_law(tmp_path):
     assert main(argv) == 0
     summary = __import__("json").loads((tmp_path / "summary.json").read_text())
     assert [r["members"] for r in summary["per_scale"]] == [2, 2, 2]
-    # THEORY §5.4: escape time ~ scale^-(N-2) = scale^-1 for N = 3
+    # docs/theory/escape-times: escape time ~ scale^-(N-2) = scale^-1 for N = 3
     assert abs(summary["escape_time_slope"] + 1) < 0.35
     assert (tmp_path / "sweep-tf-incremental.png").stat().st_size > 10_000
     assert main(argv) == 0  # re-running resumes: nothing left to solve

@@ -1,4 +1,4 @@
-"""Theorem 2 of the TF paper (THEORY.md §3.7–3.9): assumptions, the A2+A3 init, the protocol."""
+"""Theorem 2 of the TF paper (docs/theory/theorem2): assumptions, the A2+A3 init, the protocol."""
 
 import json
 

@@ -1,40 +1,117 @@
-"""`gradflow verify`: every built-in check passes at K=1, and a false statement fails."""
+"""`gradflow verify`: every built-in check passes on a few instances, its solves are
+batched (one compilation per shape), a false statement fails and names its instance."""
 
 import json
 
+import diffrax as dfx
+import jax.random as jr
 import numpy as np
 import pytest
 
 import gradflow as gf
+from gradflow.analysis import closed_forms
 from gradflow.cli import main
-from gradflow.verify import CHECKS, Case, Check, checks, register, run_check
+from gradflow.verify import CHECKS, Case, Check, checks, register, registry, run_check, run_checks
 
 BUILT_IN = list(CHECKS)
+INSTANCES = (0, 6, 12)
+"""Three instances per check, all in bucket 0 of every family (6 is a multiple of its
+1, 2 or 3 buckets): three cases per check for the compilations of one."""
+
+FALSE = "corollary-without-balance"
+
+
+@pytest.fixture(scope="module")
+def built_in():
+    """Every built-in check, and one false statement on the CP solves, in one batched run."""
+    law = CHECKS["cp-corollary1"]
+    # Corollary 1's law on *unbalanced* inits is false: the same residual must fail there.
+    register(Check(FALSE, "Corollary 1 for ε > 0 (false)", "Gaussian init",
+                   lambda key, bucket: checks._cp_case(key, bucket), law.residual,
+                   law.tolerance, checks.CP_BUCKETS))
+    try:
+        programs, before = len(registry._PROGRAMS), registry.compiled_programs()
+        results = run_checks(BUILT_IN + [FALSE], seed=1, case=INSTANCES)
+        after = registry.compiled_programs()
+        new_programs = len(registry._PROGRAMS) - programs
+    finally:
+        CHECKS.pop(FALSE, None)
+    return {r.name: r for r in results}, after["batched"] - before["batched"], new_programs
 
 
 @pytest.mark.parametrize("name", BUILT_IN)
-def test_built_in_check_passes(name):
-    result = run_check(CHECKS[name], cases=1, seed=1)
+def test_built_in_check_passes(built_in, name):
+    result = built_in[0][name]
     assert result.error is None, result.error
     assert result.passed, (result.worst, result.tolerance, result.worst_case)
+    assert result.cases == len(INSTANCES) and result.instances == INSTANCES
+    assert len(result.residuals) == len(INSTANCES) and result.failed_index is None
+    assert result.rerun() is None
+    if CHECKS[name].buckets:  # its three instances share one bucket: one batched solve
+        assert result.shapes == 1
 
 
-def test_a_false_statement_fails():
-    # Corollary 1's law on *unbalanced* inits is false: the same residual must fail there.
-    law = CHECKS["cp-corollary1"]
-    false = Check("corollary-without-balance", "Corollary 1 for ε > 0 (false)", "Gaussian init",
-                  lambda key: checks._cp_case(key, lambda m: {"r": lambda t, m, o:
-                                              gf.analysis.cp.corollary_residual(m, o)}),
-                  law.residual, law.tolerance)
-    result = run_check(false, cases=1)
+def test_solves_are_batched(built_in):
+    results, traced, new_programs = built_in
+    # Each solve shape is traced once for its solve and once for its observers...
+    assert traced == 2 * new_programs
+    # ... and the CP family (7 checks, 21 instances, one bucket) shares one of them.
+    cp = ["cp-lemma1", "cp-identity", "cp-theorem1", "cp-corollary1", "closed-form-product",
+          "closed-form-odeco-cp", FALSE]
+    assert all(results[n].shapes == 1 for n in cp)
+    instances = sum(r.cases for r in results.values())
+    assert new_programs <= len(results) - len(cp) + 1 < instances / 3
+
+
+def test_a_false_statement_fails_and_names_its_instance(built_in):
+    result = built_in[0][FALSE]
     assert not result.passed and result.error is None and result.worst > 1e-3
+    assert result.failed_index == INSTANCES[0] and result.failed_case.startswith("case 0: ")
+    assert result.rerun() == f"gradflow verify --only {FALSE} --case 0 --seed 1"
+    assert "--import mine.py" in result.rerun(["mine.py"])
 
 
-def _draw(key):
-    model = gf.CP.gaussian(key, (3, 3, 3), rank=3, std=0.3)
-    objective = gf.Completion.from_tensor(gf.random_cp_tensor(key, (3, 3, 3), 2),
-                                          gf.sample_indices(key, (3, 3, 3), 12))
-    return Case(model, objective, dict(t1=50.0, observers=["loss"]), "3x3x3, R=3")
+def test_flow_times_match_the_oracle():
+    w = np.array([0.02, 0.3, 0.8, 1.2])
+    expected = [closed_forms.product_flow_time(0.01, v, 1.3, 4) for v in w]
+    np.testing.assert_allclose(checks._flow_times(0.01, w, 1.3, 4), expected, rtol=1e-13)
+
+
+def _bucketed(key, bucket):
+    """A tiny completion problem of the given order."""
+    dims = (2,) * bucket["order"]
+    model = gf.CP.gaussian(key, dims, rank=2, std=float(jr.uniform(key, (), minval=0.2,
+                                                                     maxval=0.5)))
+    objective = gf.Completion.from_tensor(gf.random_cp_tensor(key, dims, 1),
+                                          gf.sample_indices(key, dims, 4))
+    return Case(model, objective, dict(t1=5.0, save_times=np.linspace(0, 5.0, 6),
+                                       observers=["loss"], solver=dfx.Tsit5()),
+                f"order {bucket['order']}")
+
+
+def test_one_compilation_per_bucket_and_case_reruns():
+    check = Check("bucketed-loss-test", "the loss ends below where it starts", "tiny CP",
+                  _bucketed, lambda tr, case: float(tr["loss"][-1] / tr["loss"][0]), 1.0,
+                  ({"order": 2}, {"order": 3}))
+    before = registry.compiled_programs()["batched"]
+    first = run_check(check, cases=4, seed=3)
+    assert first.passed and first.shapes == 2 and first.compiles == 2
+    assert registry.compiled_programs()["batched"] - before == 4  # 2 shapes x (solve, observe)
+    again = run_check(check, cases=4, seed=4)  # new values, same shapes: nothing compiled
+    assert again.passed and again.compiles == 0
+    assert registry.compiled_programs()["batched"] - before == 4
+    assert again.residuals != first.residuals
+    alone = run_check(check, seed=3, case=3)  # instance 3 of the first run, by itself
+    assert alone.instances == (3,) and alone.worst_case == "case 3: order 3"
+    np.testing.assert_allclose(alone.residuals[0], first.residuals[3], rtol=1e-12, atol=1e-300)
+    with pytest.raises(ValueError, match="case"):
+        run_check(check, case=-1)
+    with pytest.raises(ValueError, match="case"):
+        run_check(check, case=[])
+
+
+def _draw(key):  # the shapes of `_bucketed`'s second bucket: its compiled solves serve
+    return _bucketed(key, {"order": 3})
 
 
 def test_registration_and_errors():
@@ -54,30 +131,63 @@ def test_registration_and_errors():
     crashing = Check("crash", "s", "p", lambda key: 1 / 0, lambda tr, c: 0.0, 1.0)
     result = run_check(crashing, cases=1)
     assert not result.passed and "ZeroDivisionError" in result.error
+    assert result.failed_index == 0 and result.rerun() == "gradflow verify --only crash --case 0"
 
 
 def test_cli_user_check_file_json_and_exit_status(tmp_path, capsys):
     plugin = tmp_path / "mychecks.py"
     plugin.write_text(
+        "import diffrax as dfx\n"
+        "import jax.random as jr\n"
+        "import numpy as np\n"
         "import gradflow as gf\n"
         "from gradflow.verify import Case, Check, register\n"
         "def draw(key):\n"
         "    model = gf.CP.gaussian(key, (2, 2, 2), rank=2, std=0.3)\n"
         "    objective = gf.Completion.from_tensor(gf.random_cp_tensor(key, (2, 2, 2), 1),\n"
-        "                                          gf.sample_indices(key, (2, 2, 2), 5))\n"
-        "    return Case(model, objective, dict(t1=10.0), '2x2x2')\n"
+        "                                          gf.sample_indices(key, (2, 2, 2), 4))\n"
+        "    odd = int(jr.randint(jr.fold_in(key, 7), (), 0, 2))\n"
+        "    flow = dict(t1=5.0, save_times=np.linspace(0, 5.0, 6), observers=['loss'],\n"
+        "                solver=dfx.Tsit5())\n"
+        "    return Case(model, objective, flow, '2x2x2', dict(odd=odd))\n"
         "register(Check('user-false', 'the loss is constant (false)', 'any', draw,\n"
-        "               lambda tr, case: float(abs(tr['loss'][-1] - tr['loss'][0])), 1e-12))\n")
+        "               lambda tr, case: case.extra['odd'] * float(abs(tr['loss'][-1]\n"
+        "                                                          - tr['loss'][0])), 1e-12))\n")
     out = tmp_path / "v.json"
     try:
         status = main(["verify", "--import", str(plugin), "--only", "user-false",
-                       "--cases", "1", "--json", str(out)])
+                       "--cases", "4", "--json", str(out)])
+        odd = [CHECKS["user-false"].instance(k).extra["odd"] for k in range(4)]
     finally:
         CHECKS.pop("user-false", None)
+    assert 1 in odd, "the plugin's draw should make some instance false"
+    failed = odd.index(1)
     assert status == 1
     printed = capsys.readouterr().out
     assert "user-false" in printed and "FAIL" in printed and "0/1 checks passed" in printed
+    rerun = f"gradflow verify --import {plugin} --only user-false --case {failed}"
+    assert f"failed case {failed}: 2x2x2" in printed and f"re-run: {rerun}" in printed
     saved = json.loads(out.read_text())
-    assert saved["results"][0]["name"] == "user-false" and not saved["results"][0]["passed"]
-    with pytest.raises(SystemExit, match="unknown checks"):
+    first = saved["results"][0]
+    assert first["name"] == "user-false" and not first["passed"]
+    assert first["failed_index"] == failed and first["rerun"] == rerun and first["cases"] == 4
+    try:  # the re-run command reproduces the failing instance
+        status = main(["verify", "--import", str(plugin), "--only", "user-false",
+                       "--case", str(failed), "--json", str(out)])
+    finally:
+        CHECKS.pop("user-false", None)
+    again = json.loads(out.read_text())["results"][0]
+    assert status == 1 and again["instances"] == [failed]
+    np.testing.assert_allclose(again["worst"], first["residuals"][failed], rtol=1e-10)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
         main(["verify", "--only", "no-such-check"])
+    assert "unknown check(s) ['no-such-check']" in capsys.readouterr().err
+
+
+def test_cli_list_describes_the_draw(capsys):
+    assert main(["verify", "--list"]) == 0
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in BUILT_IN)
+    assert "shapes (instance k in bucket k mod 3): [0] order 3, dims 3, rank 4" in printed
+    assert "init scale 0.2–0.6" in printed

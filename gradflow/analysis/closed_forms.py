@@ -1,5 +1,6 @@
-"""Closed-form ground truths of THEORY.md §5, written independently of the flow code.
+"""Closed-form ground truths, written independently of the flow code.
 
+The problems and their derivations: docs, Theory › Closed-form ground truths (§5).
 Used as oracles by the tests and by `gradflow verify`.
 """
 

@@ -1,6 +1,6 @@
 r"""Gradient descent against gradient flow: distance at matched times, order of
 convergence in the step size, and the exact per-step change of the conserved
-quantities (THEORY.md §1.2, §3.2).
+quantities (docs: Theory › Balancedness is conserved, Lemma 1).
 
 **Conserved quantities under a step.** Lemma 1's gaps (CP) and the $C_j$ (DMF) are
 quadratic forms $Q$ of the weights whose polarization vanishes along the gradient,

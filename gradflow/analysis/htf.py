@@ -1,4 +1,4 @@
-"""Theorem quantities of hierarchical tensor factorization along gradient flow, THEORY.md §4.
+"""Theorem quantities of hierarchical tensor factorization along gradient flow (docs: Theory, §4).
 
 Functions of a model (and objective) return arrays and can be used in observers.
 Per-component arrays are flat in the order of [`gradflow.HTF.component_norms`][]
@@ -17,7 +17,6 @@ import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
@@ -26,7 +25,7 @@ from ..models.base import AbstractFactorization
 from ..models.htf import HTF
 from .._vector_field import rate_along_flow, vector_field
 from .matrix import EIGEN_CUTOFF, effective_rank
-from .verdict import Verdict, relative_max, worst
+from .verdict import Verdict, drift_tolerance, relative_max, worst
 
 
 def squared_norm_gaps(model: HTF) -> Float[Array, " gaps"]:
@@ -50,13 +49,16 @@ def unbalancedness(model: HTF) -> Float[Array, ""]:
     return jnp.max(jnp.stack([jnp.max(s.max(axis=0) - s.min(axis=0)) for s in sq]))
 
 
-def conservation_verdict(gaps, scales, tolerance: float = 1e-10) -> Verdict:
+def conservation_verdict(gaps, scales, tolerance: float | None = None, *,
+                         rtol: float | None = None) -> Verdict:
     r"""§4.4 along a trajectory (check H1), from saved `squared_norm_gaps` (shape
     `(T, n)`) and `vector_scale` (shape `(T,)`): the drift of the gaps from their
     initial values, relative to the largest squared vector norm seen."""
     g = np.asarray(gaps)
     drift = np.abs(g - g[0]).max() if g.size else 0.0
     scale = max(float(np.max(scales)), np.finfo(float).tiny)
+    if tolerance is None:
+        tolerance = drift_tolerance(rtol, g.dtype)
     return Verdict("htf_gap_drift", float(drift / scale), tolerance)
 
 
@@ -69,7 +71,8 @@ def num_axes(model: HTF) -> Float[Array, " components"]:
 
 
 def gammas(model: HTF, objective) -> Float[Array, " components"]:
-    r"""$\gamma_{\nu,r}=\langle-\nabla\mathcal L(\mathcal W_H),\hat{\mathcal H}_{\nu,r}\rangle$ (§4.5), 0 where $P_{\nu,r}=0$.
+    r"""$\gamma_{\nu,r}=\langle-\nabla\mathcal L(\mathcal W_H),\hat{\mathcal H}_{\nu,r}\rangle$ (§4.5),
+    0 where $P_{\nu,r}=0$.
 
     By Euler's identity $\gamma_{\nu,r}P_{\nu,r}=\langle W^{(\nu)}_{r,:},\dot W^{(\nu)}_{r,:}\rangle$,
     with $\dot W=-\nabla\phi$ the flow's velocity.

@@ -1,10 +1,10 @@
-"""Theorem quantities of deep matrix factorization along gradient flow, THEORY.md §1–§2.
+"""Theorem quantities of deep matrix factorization along gradient flow (docs: Theory, §1–§2).
 
 Functions of a model (and objective) return arrays and can be used in observers;
 `*_residual` functions return one relative residual per call. The `rc_*` functions
 are the explicit Razin–Cohen bounds of §2.3–§2.4.
 
-**Loss convention.** THEORY.md §2 writes the 2×2 problem with the half-*sum* loss
+**Loss convention.** Razin & Cohen (2020) write the 2×2 problem with the half-*sum* loss
 $\\ell=\\tfrac12\\sum_{\\Omega}z^2$ and $s=\\sqrt{2\\ell}$. gradflow's objectives
 *average* over the $m$ observations ($\\mathcal L=\\frac1m\\sum\\tfrac12z^2$), so
 $s=\\sqrt{2m\\mathcal L}$ (with $m=3$ in the 2×2 problem: $s=\\sqrt{6\\mathcal L}$); use
@@ -20,7 +20,7 @@ from jaxtyping import Array, ArrayLike, Float
 from .._validate import check_positive
 from ..models.matrix import DeepMatrix
 from .._vector_field import rate_along_flow
-from .verdict import Verdict, relative_max
+from .verdict import Verdict, drift_tolerance, relative_max
 
 EIGEN_CUTOFF = 1e-12
 """Eigen/singular values below this fraction of the largest count as zero (§1.4 pitfall)."""
@@ -162,7 +162,8 @@ def rank_suboptimality_2x2(matrix: Float[ArrayLike, "2 2"]) -> Float[Array, ""]:
 def residual_scale(model, objective) -> Float[Array, ""]:
     r"""$s=\sqrt{2\ell_{\text{sum}}}=\sqrt{2m\mathcal L}$ for gradflow's mean loss $\mathcal L$ over $m$ observations.
 
-    THEORY.md §2.3's $s$, which bounds every observed residual: $|z_i|\le s$.
+    The $s$ of Razin & Cohen's bounds (docs: Theory › Norms go to infinity), which bounds
+    every observed residual: $|z_i|\le s$.
     """
     return jnp.sqrt(2.0 * objective.num_observations * objective(model))
 
@@ -216,13 +217,16 @@ def rc_perturbed_bounds(s: ArrayLike, z: float, z2: float, eps: float):
     return jnp.where(valid, lower, 0.0), jnp.where(valid, upper, jnp.inf)
 
 
-def balancedness_verdict(imbalances, scales, tolerance: float = 1e-10) -> Verdict:
+def balancedness_verdict(imbalances, scales, tolerance: float | None = None, *,
+                         rtol: float | None = None) -> Verdict:
     r"""§1.2 along a trajectory, from saved `imbalance_vector` (shape `(T, n)`) and
     `layer_scale` (shape `(T,)`): the drift of the $C_j$ from their initial values,
     relative to the largest $\|W_j\|_F^2$ seen (the scale of their rounding error)."""
     c = np.asarray(imbalances)
     drift = np.abs(c - c[0]).max() if c.size else 0.0
     scale = max(float(np.max(scales)), np.finfo(float).tiny)
+    if tolerance is None:
+        tolerance = drift_tolerance(rtol, c.dtype)
     return Verdict("balancedness_drift", float(drift / scale), tolerance)
 
 

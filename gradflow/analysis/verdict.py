@@ -5,6 +5,25 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
+from .._solve import DEFAULT_RTOL
+
+DRIFT_PER_RTOL = 100
+"""Conservation verdicts allow a drift of this many `rtol`s by default."""
+
+
+def drift_tolerance(rtol: float | None = None, dtype=jnp.float64) -> float:
+    """The default tolerance of the conservation verdicts: `DRIFT_PER_RTOL` × `rtol`,
+    `rtol` by default the library's default for `dtype` (1e-8 for float64, 1e-5 for
+    float32). A solve's conserved quantities drift by its accumulated local errors,
+    each at most `rtol` relative: measured 1.5–30 × `rtol` over hundreds to thousands
+    of steps at rtol 1e-10 … 1e-4, so 100 × passes every exact run at that `rtol` and
+    fails a run ~100× less accurate (e.g. rtol 1e-4 judged at the default 1e-8).
+    Pass the `rtol` a trajectory was solved at (`trajectory.config["rtol"]`) to judge
+    it by its own accuracy."""
+    if rtol is None:
+        rtol = DEFAULT_RTOL[jnp.dtype(dtype)]
+    return DRIFT_PER_RTOL * float(rtol)
+
 
 def relative_max(diff, reference):
     """$\\max|$`diff`$| / \\max|$`reference`$|$: a residual relative to the size of what it

@@ -2,11 +2,13 @@
 
 from . import (
     compare_factorizations,
+    diagonal_bias,
     gd_vs_flow,
     htf_incremental,
     mf_incremental,
     rank_one_trajectory,
     rc_norms,
+    tensor_completion,
     tensor_rank_complexity,
     tf_incremental,
 )
@@ -22,5 +24,7 @@ EXPERIMENTS = {
         gd_vs_flow,
         rank_one_trajectory,
         tensor_rank_complexity,
+        tensor_completion,
+        diagonal_bias,
     )
 }

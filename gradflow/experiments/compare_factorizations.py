@@ -1,7 +1,8 @@
 """Matrix, CP and hierarchical tensor factorization side by side: incremental learning in all three.
 
 The figure of the HTF blog post (offconvex.org, 2022-07-15; CODE-HTF's
-`mf_tf_htf_dyn` plot, THEORY.md §4.7): the ten largest singular values of a deep
+`mf_tf_htf_dyn` plot in the HTF paper's code, github.com/asafmaman101/imp_reg_htf): the
+ten largest singular values of a deep
 matrix factorization, the ten largest component norms of a CP factorization and
 the ten largest local component norms at the root of a hierarchical tensor
 factorization, over gradient-flow time, on comparable problems. Each is a
@@ -13,15 +14,16 @@ Frobenius norm 64 (entries of RMS 1), as CODE-HTF's generators make them:
   Gaussian init std 1e-3 (CODE-HTF's defaults);
 - CP: an 8x8x8x8 tensor of CP rank 5, `--cp-components` components, init std 1e-3;
 - HTF: an 8x8x8x8 tensor of hierarchical rank (5, 5) over ((0, 1), (2, 3)), widths
-  `--htf-widths`, init std 1e-2 (CODE-HTF's default; widths 512 in the code, 32
-  here, see `gradflow run htf-incremental --help` for the measured cost).
+  512, 512, init std 1e-2 (CODE-HTF's defaults).
 
 All three stop at loss 2.5e-5 (CODE-HTF's MSE 5e-5 in gradflow's 1/2-mean
-convention). Every model's components are recorded unsorted (`component_norms` in
+convention) and use the default solver (for CP with the Gauss-Newton block on
+truth-rank + 1 components, refreshed every 8 steps). `--htf-widths 32 32` and the
+like give smaller runs. Every model's components are recorded unsorted (`component_norms` in
 each trajectory file); the figure shows the ten with the largest final value.
 """
 
-import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -39,11 +41,11 @@ from ..models.cp import CP
 from ..models.htf import HTF, ModeTree
 from ..models.matrix import DeepMatrix
 from ..objectives import Completion
-from ..solvers import RosenbrockW
+from ..solvers import AutoStiff, RosenbrockW
 from ..stiffness import LargestComponents
-from .htf_incremental import (SOLVERS, add_learning_phase_arguments, flow_through_escape,
-                              node_label, node_slices, rank_summary,
-                              top_curves, x_axis, x_values)
+from ._config import check, setting
+from .htf_incremental import (SOLVERS, LearningPhase, flow_through_escape, node_label,
+                              node_slices, rank_summary, top_curves, x_axis, x_values)
 
 NAME = "compare-factorizations"
 MODELS = ("mf", "cp", "htf")
@@ -53,33 +55,46 @@ YLABELS = {"mf": "singular values", "cp": "component norms",
            "htf": "local component norms (root)"}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    parser.add_argument("--observations", type=int, default=2048)
-    parser.add_argument("--truth-rank", type=int, default=5,
-                        help="rank of the MF and CP truths; the HTF truth has HT rank "
-                             "(r, r)")
-    parser.add_argument("--truth-norm", type=float, default=64.0)
-    parser.add_argument("--order", type=int, default=4, help="tensor order (CP, HTF)")
-    parser.add_argument("--dim", type=int, default=8, help="tensor mode dimension (CP, HTF)")
-    parser.add_argument("--matrix-dim", type=int, default=64, help="the matrix is d x d")
-    parser.add_argument("--mf-depth", type=int, default=3)
-    parser.add_argument("--mf-std", type=float, default=1e-3)
-    parser.add_argument("--cp-components", type=int, default=512,
-                        help="R (CODE-HTF's default: the product of all dims but the "
-                             "largest, 512 for 8^4)")
-    parser.add_argument("--cp-std", type=float, default=1e-3)
-    parser.add_argument("--htf-widths", type=int, nargs="+", default=[32, 32],
-                        help="one per layer (CODE-HTF: 512 512)")
-    parser.add_argument("--htf-std", type=float, default=1e-2)
-    parser.add_argument("--htf-solver", choices=sorted(SOLVERS), default="tsit5")
-    parser.add_argument("--loss-tol", type=float, default=2.5e-5,
-                        help="stop when the loss (1/2 mean squared error) falls below this")
-    parser.add_argument("--t1", type=float, default=1e14, help="final flow time")
-    parser.add_argument("--rtol", type=float, default=1e-6,
-                        help="step-size control (1e-6 is ample for a figure; CP's "
-                             "Rosenbrock-W steps grow like rtol^(-1/3))")
-    add_learning_phase_arguments(parser)
+@dataclasses.dataclass(frozen=True)
+class Config(LearningPhase):
+    """`gradflow run compare-factorizations`: the three problems (CODE-HTF's defaults)."""
+
+    models: tuple[str, ...] = setting(MODELS, "which factorizations to run", choices=MODELS)
+    observations: int = setting(2048, "observed entries of each problem")
+    truth_rank: int = setting(5, "rank of the MF and CP truths; the HTF truth has HT rank "
+                                 "(r, r)")
+    truth_norm: float = setting(64.0, "Frobenius norm of every truth")
+    order: int = setting(4, "tensor order (CP, HTF)")
+    dim: int = setting(8, "tensor mode dimension (CP, HTF)")
+    matrix_dim: int = setting(64, "the matrix is d x d")
+    mf_depth: int = setting(3, "depth of the matrix factorization")
+    mf_std: float = setting(1e-3, "init std of the matrix factorization")
+    cp_components: int = setting(512, "R (CODE-HTF: the product of all dims but the "
+                                      "largest, 512 for 8^4)")
+    cp_std: float = setting(1e-3, "init std of the CP factorization")
+    htf_widths: tuple[int, ...] = setting((512, 512), "HTF widths, one per layer "
+                                          "(CODE-HTF: 512 512)")
+    htf_std: float = setting(1e-2, "init std of the HTF")
+    htf_solver: str = setting("default", "the HTF's ODE solver", choices=tuple(SOLVERS))
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(len(self.models) > 0 and len(set(self.models)) == len(self.models), "models",
+              "distinct names", self.models)
+        for name in ("observations", "truth_rank", "order", "dim", "matrix_dim", "mf_depth",
+                     "cp_components"):
+            check(getattr(self, name) >= 1, name, "an int >= 1", getattr(self, name))
+        for name in ("truth_norm", "mf_std", "cp_std", "htf_std"):
+            value = getattr(self, name)
+            check(value > 0 and np.isfinite(value), name, "a finite number > 0", value)
+        tree = ModeTree.binary(self.order)
+        layers = tree.height[tree.root]
+        check(len(self.htf_widths) == layers and min(self.htf_widths) >= 1, "htf_widths",
+              f"{layers} ints >= 1 (one per layer of the order-{self.order} tree)",
+              self.htf_widths)
+        cells = min(self.matrix_dim**2, self.dim**self.order)
+        check(self.observations <= cells, "observations",
+              f"at most {cells} (the entries of the smallest problem)", self.observations)
 
 
 def _problem(name, args, key):
@@ -99,24 +114,24 @@ def _problem(name, args, key):
         # refreshed every 8 steps: same step count as RosenbrockW()'s (8, every 4),
         # 3.5x less CPU (1305 vs 1302 steps, 62 vs 220 s on 8^4, R = 512).
         stiffness = LargestComponents(min(args.truth_rank + 1, args.cp_components))
-        return truth, model, {"solver": RosenbrockW(stiffness, refresh_every=8)}
+        return truth, model, {"solver": AutoStiff(RosenbrockW(stiffness, refresh_every=8))}
     tree = ModeTree.binary(args.order)
     layers = tree.height[tree.root]
     truth = random_htf_tensor(k_truth, tensor_dims, tree, [args.truth_rank] * layers,
                               args.truth_norm)
-    if len(args.htf_widths) != layers:
-        raise SystemExit(f"--htf-widths needs {layers} values for order {args.order}")
     model = HTF.gaussian(k_init, tensor_dims, tree, tree.layer_widths(args.htf_widths),
                          args.htf_std)
     return truth, model, {"solver": SOLVERS[args.htf_solver]()}
 
 
-def run(args, out: Path, progress: bool = True) -> dict:
+def run(config: Config, out: Path | None = None, progress: bool = False) -> dict:
+    """Solve the three problems; return their results (and, given a folder `out`,
+    write the trajectories, the figure and `summary.json` there)."""
     # CP's Rosenbrock-W eigendecomposes a 256x256 Hessian block every 4 steps; with
     # OpenBLAS's default threads on a busy 2-core machine that took 1.3 s instead of
     # 20 ms single-threaded (measured), so BLAS/LAPACK run on one thread here.
     with threadpool_limits(1, "blas"):
-        return _run(args, out, progress)
+        return _run(config, out, progress)
 
 
 def _run(args, out, progress):
@@ -140,7 +155,8 @@ def _run(args, out, progress):
             model, objective, escape_norm=args.escape * args.truth_norm,
             loss_tol=args.loss_tol, t1=args.t1, observers=observers, saves=args.saves,
             rtol=args.rtol, max_steps=args.max_steps, progress=progress, **extra)
-        tr.save(out / f"trajectory_{name}.npz")
+        if out is not None:
+            tr.save(Path(out) / f"trajectory_{name}.npz")
         trajectories[name] = tr, t_escape
         results[name] = _result(name, tr, args) | {"t_escape": t_escape}
         if progress:
@@ -148,11 +164,13 @@ def _run(args, out, progress):
             print(f"[{NAME}] {name}: {tr.status}, error "
                   f"{r['relative_reconstruction_error']:.3g}, rank {r['rank']}, "
                   f"{r['steps']} steps, {r['wall_time_s']} s", flush=True)
-    _figure(trajectories, args, out / f"{NAME}.png")
-    (out / "summary.json").write_text(json.dumps(
-        {"experiment": NAME, "config": vars(args) | {"out": str(out)}, "results": results},
-        indent=2, default=str))
-    return results
+    summary = {"experiment": NAME, "config": dataclasses.asdict(args), "results": results}
+    if out is not None:
+        out = Path(out)
+        _figure(trajectories, args, out / f"{NAME}.png")
+        (out / "summary.json").write_text(json.dumps(summary | {"out": str(out)}, indent=2,
+                                                     default=str))
+    return summary
 
 
 def _result(name, tr, args) -> dict:

@@ -151,7 +151,7 @@ def run(args, out: Path, progress: bool = True) -> dict:
 
 def _figure(results, path):
     fig, axes = plt.subplots(2, 2, figsize=(12, 9))
-    for ax, (title, reference, runs, errors, slope) in zip(axes[0], results.values()):
+    for ax, (title, reference, runs, _errors, _slope) in zip(axes[0], results.values()):
         final = np.asarray(reference["component_norms"])[-1]
         top = np.argsort(final)[::-1][:4]
         ref = np.asarray(reference["component_norms"])[:, top]
@@ -171,7 +171,7 @@ def _figure(results, path):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
     ax = axes[1, 0]
-    for (title, reference, runs, errors, slope), style in zip(results.values(), ("-", ":")):
+    for (title, reference, runs, _errors, _slope), style in zip(results.values(), ("-", ":")):
         for run_, color in zip(runs, _colors(len(runs))):
             dist = ad.trajectory_distance(run_, reference, "end")
             ax.plot(run_.ts[1:], dist[1:], style, color=color, lw=1.2)
@@ -183,7 +183,7 @@ def _figure(results, path):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax = axes[1, 1]
-    for (title, reference, runs, errors, slope), marker in zip(results.values(), "os"):
+    for (title, _reference, runs, errors, slope), marker in zip(results.values(), "os"):
         lrs = np.array([r.config["learning_rate"] for r in runs])
         fit = np.exp(np.polyval(np.polyfit(np.log(lrs), np.log(errors), 1), np.log(lrs)))
         line = ax.plot(lrs, errors, marker, ms=7, label=f"{title}: slope {slope:.3f}")[0]

@@ -3,42 +3,35 @@
 Completion of an order-4 8x8x8x8 tensor of hierarchical tensor rank (5, 5) over the
 binary mode tree ((0, 1), (2, 3)) (a random HTF with widths 5, 5, 5 and Gaussian
 weights, scaled to Frobenius norm 64, i.e. entries of RMS 1) from 2048 entries
-observed uniformly without repetition, by an HTF over the same tree under gradient
-flow from Gaussian inits of several scales. After a plateau whose length grows like
-std^-5, local components leave zero one after another, at the root and at the node
-{0, 1} alike (each obeys dP/dt = K*gamma*P^(2-2/K), K = 3, THEORY.md §4.5), and
-the solution has the truth's hierarchical rank.
+observed uniformly without repetition, by an HTF of widths 512, 512 over the same tree
+under gradient flow from Gaussian inits of several scales. After a plateau whose
+length grows like std^-5 (the end tensor is a product of 7 weight matrices), local
+components leave zero one after another, at the root and at the node {0, 1} alike
+(each obeys dP/dt = K*gamma*P^(2-2/K), K = 3), and the solution has the truth's
+hierarchical rank.
 
 Recorded per init (`trajectory_std*.npz`): every local component's norm, unsorted
 (`component_norms`, one column per component, node by node in `tree.interior` order,
 root last; `summary.json` gives the columns of each node), the singular values of
 the matricization at `--node`, the reconstruction error, and the relative residuals
-of §4.5's exact identity (any init) and of the law K*gamma*P^(2-2/K) (exact only
-with `--init balanced`, an exactly balanced sign-matrix init whose root vectors have
-norm = the `--stds` value). The solve runs in two legs (`flow_through_escape`) so
-that the short learning phase after the plateau is finely saved; the figure's
+of the exact identity for dP/dt (any init) and of the law K*gamma*P^(2-2/K) (exact
+only with `--init balanced`, an exactly balanced sign-matrix init whose root vectors
+have norm = the `--stds` value). The solve runs in two legs (`flow_through_escape`)
+so that the short learning phase after the plateau is finely saved; the figure's
 x-axis is the time since the plateau ended.
 
-Defaults versus the paper's code (THEORY.md §4.7): the data, init and stop are the
-paper's (mode dimension 8, HT rank (5, 5), norm 64, 2048 entries, Gaussian init,
-stop at loss 2.5e-5 = the code's MSE 5e-5 in gradflow's 1/2-mean convention), but
-the widths are 32, 32 instead of 512, 512, and the init stds 0.1, 0.03, 0.01 (the
-code's is 0.01). Measured on 2 slow cores shared with other jobs (load 7-10):
-
-- widths 512 (`--widths 512 512 --stds 0.01`, the paper's run): one gradient takes
-  4 ms, Tsit5 spends 6 per step, and 1000 steps (123 s) reached t = 1.8e8 with one
-  root component learned; the solve needs ~10^5 steps, i.e. hours per init.
-- the step count is set by stiffness, not width: once a component is learned its
-  curvature caps the explicit step while the next one sits on its plateau
-  (width 32, std 0.01: 62,705 Tsit5 steps, 13,433 rejected; width 64: 71,758).
-  Other explicit solvers were slower (width 32, std 0.01, another seed: Tsit5
-  24,769 steps / 36 s, Bosh3 37,906 / 53 s, RosenbrockW(Explicit()) 49,617 / 61 s).
-- the defaults: 12,132 / 39,064 / 62,705 steps for std 0.1 / 0.03 / 0.01, about
-  3.5 minutes of wall time in all (95 s of CPU). Each 3x smaller std costs ~3x more
-  steps: std 0.003 took 231,032 steps (2.5-5 minutes alone).
+The settings are the paper code's: mode dimension 8, HT rank (5, 5), norm 64, 2048
+entries, widths 512, Gaussian init (its std is 0.01; 0.03 and 0.003 beside it show
+the plateau's growth), stop at loss 2.5e-5 (the code's MSE 5e-5 in gradflow's
+1/2-mean convention). The default solver (`gf.default_solver`: Tsit5 while the flow
+is not stiff, then Rosenbrock-W steps on the Gauss-Newton block of each node's
+largest local components) keeps the step count nearly flat in the init scale and the
+width; Tsit5 alone needs 10^4-10^5 steps per init here (`--solver tsit5`).
+`benchmarks/htf.py` measures both. `--rtol` 1e-6 resolves the figure's curves and the
+escape times to ~1e-5 relative; `--rtol 1e-8` or below for residual studies.
 """
 
-import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -58,56 +51,91 @@ from ..objectives import Completion
 from ..solvers import RosenbrockW
 from ..stiffness import Explicit
 from ..trajectory import Trajectory
+from ._config import check, setting
 
 NAME = "htf-incremental"
 
 SOLVERS = {
+    "default": lambda: None,
     "tsit5": dfx.Tsit5,
     "dopri5": dfx.Dopri5,
+    "dopri8": dfx.Dopri8,
     "bosh3": dfx.Bosh3,
     "rosenbrock-explicit": lambda: RosenbrockW(Explicit()),
 }
+"""`--solver` choices: `default` is `gf.default_solver(model)`."""
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--stds", type=float, nargs="+", default=[0.1, 0.03, 0.01],
-                        help="init std of every weight (with --init balanced: the root's "
-                             "vector norm); the paper's code uses 0.01")
-    parser.add_argument("--init", choices=["gaussian", "balanced"], default="gaussian")
-    parser.add_argument("--order", type=int, default=4)
-    parser.add_argument("--dim", type=int, default=8, help="mode dimension")
-    parser.add_argument("--truth-ranks", type=int, nargs="+", default=[5, 5],
-                        help="widths of the ground-truth HTF, one per layer (its HT rank)")
-    parser.add_argument("--truth-norm", type=float, default=64.0)
-    parser.add_argument("--observations", type=int, default=2048)
-    parser.add_argument("--widths", type=int, nargs="+", default=[32, 32],
-                        help="HTF widths, one per layer (the paper's code: 512 512)")
-    parser.add_argument("--node", type=int, nargs="+", default=[0, 1],
-                        help="modes of the interior node plotted besides the root")
-    parser.add_argument("--loss-tol", type=float, default=2.5e-5,
-                        help="stop when the loss (1/2 mean squared error) falls below this")
-    parser.add_argument("--t1", type=float, default=1e14, help="final flow time")
-    parser.add_argument("--rtol", type=float, default=1e-8)
-    parser.add_argument("--solver", choices=sorted(SOLVERS), default="tsit5")
-    add_learning_phase_arguments(parser)
-
-
-def add_learning_phase_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments shared with `compare-factorizations`: stop, ranks, the two-leg
+@dataclasses.dataclass(frozen=True)
+class LearningPhase:
+    """The settings shared with `compare-factorizations`: stop, ranks, the two-leg
     solve around the plateau's end, seed and x-axis."""
-    parser.add_argument("--max-steps", type=int, default=400_000)
-    parser.add_argument("--rank-rtol", type=float, default=1e-2,
-                        help="singular values above this x the largest count toward a rank "
-                             "(1e-2: just above the ~1%% reconstruction error at --loss-tol)")
-    parser.add_argument("--escape", type=float, default=0.01,
-                        help="the plateau ends when the end tensor's norm reaches this x the "
-                             "truth's; the learning phase after it is saved finely")
-    parser.add_argument("--saves", type=int, default=3000,
-                        help="save times of the learning phase (geometric from t = 1e-2)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--x", choices=["escape", "time", "loss"], default="escape",
-                        help="x-axis: linear time since the plateau ended, log flow time, "
-                             "or the loss")
+
+    loss_tol: float = setting(2.5e-5, "stop when the loss (1/2 mean squared error) falls "
+                                      "below this")
+    t1: float = setting(1e14, "final flow time")
+    rtol: float = setting(1e-6, "relative tolerance of the solve")
+    max_steps: int = setting(400_000, "step budget of each solve")
+    rank_rtol: float = setting(1e-2, "singular values above this x the largest count toward "
+                                     "a rank (just above the ~1%% error at --loss-tol)")
+    escape: float = setting(0.01, "the plateau ends when the end tensor's norm reaches this "
+                                  "x the truth's; the learning phase after it is saved finely")
+    saves: int = setting(3000, "save times of the learning phase (geometric from t = 1e-2)")
+    seed: int = setting(0, "seed of the data and the inits")
+    x: str = setting("escape", "x-axis: linear time since the plateau ended, log flow time, "
+                               "or the loss", choices=("escape", "time", "loss"))
+
+    def __post_init__(self):
+        for name in ("loss_tol", "t1", "rtol", "rank_rtol"):
+            value = getattr(self, name)
+            check(value > 0 and np.isfinite(value), name, "a finite number > 0", value)
+        check(self.rtol < 1, "rtol", "< 1", self.rtol)
+        check(self.escape >= 0, "escape", ">= 0", self.escape)
+        for name in ("max_steps", "saves"):
+            check(getattr(self, name) >= 2, name, "an int >= 2", getattr(self, name))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(LearningPhase):
+    """`gradflow run htf-incremental`: the problem, the model and its inits."""
+
+    stds: tuple[float, ...] = setting((0.03, 0.01, 0.003), "init std of every weight (with "
+                                      "--init balanced: the root's vector norm); the "
+                                      "paper's code uses 0.01")
+    init: str = setting("gaussian", "init family", choices=("gaussian", "balanced"))
+    order: int = setting(4, "tensor order (a balanced binary mode tree)")
+    dim: int = setting(8, "mode dimension")
+    truth_ranks: tuple[int, ...] = setting((5, 5), "widths of the ground-truth HTF, one per "
+                                           "layer (its HT rank)")
+    truth_norm: float = setting(64.0, "Frobenius norm of the ground truth")
+    observations: int = setting(2048, "observed entries (uniform, without repetition)")
+    widths: tuple[int, ...] = setting((512, 512), "HTF widths, one per layer (the paper's "
+                                      "code: 512 512)")
+    node: tuple[int, ...] = setting((0, 1), "modes of the interior node plotted besides the "
+                                    "root")
+    solver: str = setting("default", "ODE solver", choices=tuple(SOLVERS))
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(len(self.stds) > 0 and all(s > 0 and np.isfinite(s) for s in self.stds),
+              "stds", "finite numbers > 0", self.stds)
+        check(self.order >= 2, "order", ">= 2", self.order)
+        check(self.dim >= 1, "dim", ">= 1", self.dim)
+        check(self.truth_norm > 0, "truth_norm", "> 0", self.truth_norm)
+        check(1 <= self.observations <= self.dim**self.order, "observations",
+              f"between 1 and dim^order = {self.dim**self.order}", self.observations)
+        tree = ModeTree.binary(self.order)
+        layers = tree.height[tree.root]
+        for name in ("widths", "truth_ranks"):
+            value = getattr(self, name)
+            check(len(value) == layers and all(w >= 1 for w in value), name,
+                  f"{layers} ints >= 1 (one per layer of the order-{self.order} tree)", value)
+        try:
+            node = tree.find(self.node)
+        except (ValueError, KeyError):
+            node = None
+        check(node is not None and not tree.is_leaf(node) and node != tree.root, "node",
+              "the modes of an interior node other than the root", self.node)
 
 
 def node_label(tree: ModeTree, v: int) -> str:
@@ -196,14 +224,15 @@ def _join(first: Trajectory, second: Trajectory) -> Trajectory:
     )
 
 
-def run(args, out: Path, progress: bool = True) -> dict:
+def run(config: Config, out: Path | None = None, progress: bool = False) -> dict:
+    """Solve every init of `config`; return the per-std results (and, given a folder
+    `out`, write the trajectories, the figure and `summary.json` there)."""
+    args = config
     k_problem, k_init = jr.split(jr.key(args.seed))
     tree, truth, objective = problem(args, k_problem)
     dims = (args.dim,) * args.order
     widths = tree.layer_widths(args.widths)
     node = tree.find(args.node)
-    if tree.is_leaf(node) or node == tree.root:
-        raise SystemExit(f"--node {args.node} must be an interior node other than the root")
     truth_norm = jnp.linalg.norm(truth)
     observers = {
         "component_norms": lambda t, m, o: m.component_norms(),
@@ -228,7 +257,8 @@ def run(args, out: Path, progress: bool = True) -> dict:
             loss_tol=args.loss_tol, t1=args.t1, observers=observers, saves=args.saves,
             rtol=args.rtol, solver=SOLVERS[args.solver](), max_steps=args.max_steps,
             progress=progress)
-        tr.save(out / f"trajectory_std{std:g}.npz")
+        if out is not None:
+            tr.save(Path(out) / f"trajectory_std{std:g}.npz")
         trajectories[std] = tr, t_escape
         summary[f"{std:g}"] = _result(tr, model, tree, args.rank_rtol) | {"t_escape": t_escape}
         if progress:
@@ -237,18 +267,48 @@ def run(args, out: Path, progress: bool = True) -> dict:
             print(f"[{NAME}] std={std:g}: {tr.status}, error "
                   f"{r['relative_reconstruction_error']:.3g}, HT ranks {ranks}, "
                   f"{r['steps']} steps, {r['wall_time_s']} s", flush=True)
-    _figure(trajectories, tree, node, truth_sv, truth_ranks, args, out / f"{NAME}.png")
-    (out / "summary.json").write_text(json.dumps(
-        {"experiment": NAME, "config": vars(args) | {"out": str(out)},
-         "tree": repr(tree.structure),
-         "widths": {node_label(tree, v): w for v, w in zip(tree.interior, widths)},
-         "component_slices": {node_label(tree, v): [s.start, s.stop]
-                              for v, s in node_slices(model).items()},
-         "truth_hierarchical_ranks": truth_ranks,
-         "truth_node_singular_values": truth_sv[:10].tolist(),
-         "results": summary},
-        indent=2, default=str))
-    return summary
+    result = {"experiment": NAME, "config": dataclasses.asdict(config),
+              "tree": repr(tree.structure),
+              "widths": {node_label(tree, v): w for v, w in zip(tree.interior, widths)},
+              "component_slices": {node_label(tree, v): [s.start, s.stop]
+                                   for v, s in node_slices(model).items()},
+              "truth_hierarchical_ranks": truth_ranks,
+              "truth_node_singular_values": truth_sv[:10].tolist(),
+              "results": summary}
+    if out is not None:
+        out = Path(out)
+        _figure(trajectories, tree, node, truth_sv, truth_ranks, args, out / f"{NAME}.png")
+        (out / "summary.json").write_text(json.dumps(result | {"out": str(out)}, indent=2,
+                                                     default=str))
+    return result
+
+
+def sweep_setup(config: Config) -> dict:
+    """This experiment's problem for `gradflow sweep`: every weight's init std = the
+    sweep's scale (`--stds` is not used). The end tensor is a product of the tree's
+    2·order − 1 weight matrices, so the escape time grows like scale^-(2·order − 3)."""
+    tree, truth, objective = problem(config, jr.split(jr.key(config.seed))[0])
+    dims, widths = (config.dim,) * config.order, tree.layer_widths(config.widths)
+    truth_norm = jnp.linalg.norm(truth)
+
+    def member(params):
+        model = HTF.gaussian(jr.key(params["seed"]), dims, tree, widths, params["scale"])
+        return model, objective
+
+    return dict(
+        problem=member,
+        order=len(tree.interior) + config.order,
+        t1=config.t1,
+        loss_tol=config.loss_tol,
+        rtol=config.rtol,
+        solver=SOLVERS[config.solver](),
+        max_steps=config.max_steps,
+        save_times=np.concatenate([[0.0], np.geomspace(1e-2, config.t1, 400)]),
+        observers={
+            "component_norms": lambda t, m, o: m.component_norms(),
+            "reconstruction_error": lambda t, m, o: jnp.linalg.norm(m.full() - truth) / truth_norm,
+        },
+    )
 
 
 def _result(tr, model0, tree, rank_rtol) -> dict:

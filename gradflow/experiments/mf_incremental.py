@@ -10,11 +10,17 @@ the minimum-norm fit of the observations, of high effective rank.
 
 The init scale is the expected Frobenius norm of the end matrix: every layer entry
 is N(0, std^2) with std = (scale^2 / (d_0 d_1 ... d_L))^(1/(2L)), so the scales are
-comparable across depths.
+comparable across depths (`--init orthogonal` / `uniform` draw the layers otherwise and
+rescale them to that Frobenius norm exactly).
+
+Beside the depths, the convex baseline Arora et al. compare with: the minimum
+nuclear-norm matrix that fits the observations (`gradflow.analysis.convex`, ADMM in
+JAX), with its error and effective rank (`--no-nuclear-norm` skips it).
 """
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -23,6 +29,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from .. import plotting
+from ..analysis import convex
 from ..analysis import matrix as am
 from ..data import sample_indices
 from .._flow import flow
@@ -44,6 +51,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--t1", type=float, default=1e12, help="final flow time")
     parser.add_argument("--rtol", type=float, default=1e-8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", choices=INITS, default="gaussian",
+                        help="layer init: i.i.d. Gaussian (scaled in expectation), or "
+                             "orthogonal / uniform layers rescaled so that the end matrix "
+                             "has Frobenius norm --scales exactly")
+    parser.add_argument("--nuclear-norm", action=argparse.BooleanOptionalAction, default=True,
+                        help="also solve the minimum nuclear-norm completion (the convex "
+                             "baseline)")
+
+
+INITS = ("gaussian", "orthogonal", "uniform")
+
+
+def initial_model(key, dims, scale: float, init: str = "gaussian") -> DeepMatrix:
+    """The init of depth `len(dims) - 1` at `scale` (see the module docstring)."""
+    if init == "gaussian":
+        return DeepMatrix.gaussian(key, dims, layer_std(scale, dims))
+    # Frobenius norm `scale` exactly: end_scale = ||W||_F / sqrt(n)
+    end_scale = scale / np.sqrt(min(dims[0], dims[-1]))
+    if init == "orthogonal":
+        return DeepMatrix.orthogonal(key, dims, end_scale=end_scale)
+    return DeepMatrix.uniform(key, dims, 1.0, end_scale=end_scale)
 
 
 def ground_truth(key, dim: int, rank: int):
@@ -76,7 +104,7 @@ def run(args, out: Path, progress: bool = True) -> dict:
     for scale in args.scales:
         for depth in args.depths:
             dims = (args.dim,) * (depth + 1)
-            model = DeepMatrix.gaussian(k_init, dims, layer_std(scale, dims))
+            model = initial_model(k_init, dims, scale, getattr(args, "init", "gaussian"))
             loss_tol = args.loss_drop * float(objective(model))
             tr = flow(model, objective, t1=args.t1, loss_tol=loss_tol, observers=observers,
                       save_times=save_times, rtol=args.rtol, max_steps=200_000)
@@ -103,12 +131,74 @@ def run(args, out: Path, progress: bool = True) -> dict:
                       f"{r['effective_rank']:.3g}, {r['steps']} steps, "
                       f"{r['wall_time_s']} s", flush=True)
     truth_sv = np.asarray(jnp.linalg.svd(truth, compute_uv=False)[: args.truth_rank])
-    _figure(trajectories, args, truth_sv, out / f"{NAME}.png")
+    baseline = None
+    if getattr(args, "nuclear_norm", True):
+        baseline = nuclear_norm_baseline(objective, truth)
+        if progress:
+            print(f"[{NAME}] minimum nuclear norm: error "
+                  f"{baseline['relative_reconstruction_error']:.3g}, erank "
+                  f"{baseline['effective_rank']:.3g} ({baseline['iterations']} ADMM iterations, "
+                  f"{baseline['wall_time_s']} s)", flush=True)
+    _figure(trajectories, args, truth_sv, out / f"{NAME}.png", baseline)
     (out / "summary.json").write_text(json.dumps(
         {"experiment": NAME, "config": vars(args) | {"out": str(out)},
-         "truth_singular_values": truth_sv.tolist(), "results": results},
+         "truth_singular_values": truth_sv.tolist(), "results": results,
+         "min_nuclear_norm": baseline},
         indent=2, default=str))
     return results
+
+
+def sweep_setup(args) -> dict:
+    """This experiment's problem for `gradflow sweep`: the deepest of `--depths` (at
+    least 3), every layer entry N(0, scale²) with scale = the sweep's scale (the
+    per-weight scale α, so that the escape time grows like α^-(L-2) for depth L; the
+    experiment's own `--scales`, end-matrix norms, are replaced by the sweep's)."""
+    depth = max(args.depths)
+    if depth < 3:
+        raise ValueError(f"`depths` must include a depth >= 3 for a sweep (the escape "
+                         f"time of depth 2 grows like log(1/scale)), got {args.depths}.")
+    k_truth, k_obs, _ = jr.split(jr.key(args.seed), 3)
+    shape = (args.dim, args.dim)
+    truth = ground_truth(k_truth, args.dim, args.truth_rank)
+    objective = Completion.from_tensor(truth, sample_indices(k_obs, shape, args.observations))
+    truth_norm = jnp.linalg.norm(truth)
+    dims = (args.dim,) * (depth + 1)
+
+    def problem(params):
+        return DeepMatrix.gaussian(jr.key(params["seed"]), dims, params["scale"]), objective
+
+    return dict(
+        problem=problem,
+        order=depth,
+        t1=args.t1,
+        loss_drop=args.loss_drop,
+        rtol=args.rtol,
+        save_times=np.concatenate([[0.0], np.geomspace(1e-1, args.t1, 400)]),
+        observers={
+            "component_norms": lambda t, m, o: m.component_norms(),
+            "reconstruction_error": lambda t, m, o: jnp.linalg.norm(m.full() - truth) / truth_norm,
+        },
+    )
+
+
+def nuclear_norm_baseline(objective, truth) -> dict:
+    """Error, effective rank and optimality certificate of the minimum nuclear-norm fit."""
+    start = time.perf_counter()
+    solution = convex.min_nuclear_norm(objective)
+    x = solution.matrix
+    sv = np.asarray(jnp.linalg.svd(x, compute_uv=False))
+    return {
+        "relative_reconstruction_error": float(jnp.linalg.norm(x - truth) / jnp.linalg.norm(truth)),
+        "effective_rank": float(am.effective_rank(x)),
+        "rank": int(np.sum(sv > 1e-6 * sv[0])) if sv[0] > 0 else 0,
+        "top_singular_values": sv[:8].tolist(),
+        "nuclear_norm": solution.nuclear_norm,
+        "duality_gap": solution.nuclear_norm - solution.lower_bound,
+        "max_relative_misfit": solution.feasibility,
+        "iterations": solution.iterations,
+        "converged": solution.converged,
+        "wall_time_s": round(time.perf_counter() - start, 2),
+    }
 
 
 def learning_order(tr, k: int) -> list[float]:
@@ -118,10 +208,11 @@ def learning_order(tr, k: int) -> list[float]:
     return [float(tr.ts[np.argmax(reached[:, r])]) for r in range(sv.shape[1])]
 
 
-def _figure(trajectories, args, truth_sv, path):
+def _figure(trajectories, args, truth_sv, path, baseline=None):
     scales, depths = args.scales, args.depths
-    fig, axes = plt.subplots(len(scales) + 1, len(depths),
-                             figsize=(3.6 * len(depths), 2.9 * (len(scales) + 1)), squeeze=False)
+    columns = max(len(depths), 2)  # the bottom row has two summary panels
+    fig, axes = plt.subplots(len(scales) + 1, columns,
+                             figsize=(3.6 * columns, 2.9 * (len(scales) + 1)), squeeze=False)
     for i, scale in enumerate(scales):
         for j, depth in enumerate(depths):
             ax = axes[i, j]
@@ -132,12 +223,18 @@ def _figure(trajectories, args, truth_sv, path):
             ax.set_xscale("log")
             ax.set_xlim(left=1e-1)
             ax.set_ylabel("singular value" if j == 0 else "")
-    for i, scale in enumerate(scales):
+        for ax in axes[i, len(depths):]:
+            ax.axis("off")
+    for scale in scales:
         erank = [trajectories[scale, d].final["effective_rank"] for d in depths]
         error = [trajectories[scale, d].final["reconstruction_error"] for d in depths]
         axes[-1, 0].plot(depths, erank, "o-", label=f"scale {scale:g}")
         axes[-1, 1].plot(depths, error, "o-", label=f"scale {scale:g}")
     axes[-1, 0].axhline(len(truth_sv), color="0.6", ls=":")
+    if baseline is not None:
+        for ax, key in zip(axes[-1, :2], ("effective_rank", "relative_reconstruction_error")):
+            ax.axhline(baseline[key], color="tab:red", ls="--", lw=1.2,
+                       label="min nuclear norm")
     axes[-1, 0].set(title="effective rank of the solution", xlabel="depth", yscale="log")
     axes[-1, 1].set(title="relative reconstruction error", xlabel="depth", yscale="log")
     for ax in axes[-1, :2]:

@@ -1,7 +1,8 @@
 """Theorem 2 of Razin, Maman & Cohen (ICML 2021): from small init, CP follows a rank-one trajectory.
 
-Huber-loss tensor completion (THEORY.md §3.7-3.9; default: order 3, 3x3x3, R = 4,
-12 observations with |y| in [0.5, 1.5] and random signs, delta_h = 0.05 min|y|). The
+Huber-loss tensor completion (docs: Theory › Theorem 2 and the Huber loss; default:
+order 3, 3x3x3, R = 4, 12 observations with |y| in [0.5, 1.5] and random signs,
+delta_h = 0.05 min|y|). The
 init satisfies Assumptions 2 and 3 (balanced; component 0 pushed toward the leading
 rank-one direction of -grad L(0), the others shrunk below A3's threshold). For each
 init scale alpha the flow from alpha*a reaches the sphere |W| = rho at t_S; from there

@@ -1,17 +1,17 @@
 """Razin & Cohen (NeurIPS 2020): all norms go to infinity while the rank is minimized.
 
 The 2x2 completion problem with observed entries (1,2) = 1, (2,1) = 1, (2,2) = 0
-(THEORY.md §2.1), deep matrix factorizations of depths 2, 3, 4 from a balanced init
-with det W(0) > 0. Along the flow the unobserved |w11|, the Frobenius and nuclear
-norms grow like 1/sqrt(loss) while sigma_min, erank - 1 and rank-subopt shrink, and
-the explicit bounds of §2.3 hold at every save. The perturbed problem of §2.4
-(z = -2, z' = 0.5, (2,2) = eps, det W(0) < 0) shows the effect receding as eps grows:
-|w11| stops near |z z' / eps|.
+(docs: Theory › Norms go to infinity), deep matrix factorizations of depths 2, 3, 4
+from a balanced init with det W(0) > 0. Along the flow the unobserved |w11|, the
+Frobenius and nuclear norms grow like 1/sqrt(loss) while sigma_min, erank - 1 and
+rank-subopt shrink, and the explicit bounds of §2.3 hold at every save. The perturbed
+problem of §2.4 (z = -2, z' = 0.5, (2,2) = eps, det W(0) < 0) shows the effect
+receding as eps grows: |w11| stops near |z z' / eps|.
 
-Float64 caveat (THEORY.md §2.3): det W decays to 0 along the flow (exponentially at
-depth 2), and once it falls below the solver's resolution its sign is lost. The
-summary reports, per run, the loss down to which det kept the sign of det W(0); the
-bounds are checked on that stretch.
+Float64 caveat (docs: Theory › Norms go to infinity, "Float64 caveat"): det W decays
+to 0 along the flow (exponentially at depth 2), and once it falls below the solver's
+resolution its sign is lost. The summary reports, per run, the loss down to which det
+kept the sign of det W(0); the bounds are checked on that stretch.
 """
 
 import argparse
@@ -38,8 +38,8 @@ OBSERVED = jnp.array([[0, 1], [1, 0], [1, 1]])  # every entry but (1,1) (0-based
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depths", type=int, nargs="+", default=[2, 3, 4])
     parser.add_argument("--init", choices=["identity", "gaussian"], default="identity",
-                        help="W(0) = scale * diag(+-1, 1) (THEORY §2.3's runs), or a Gaussian "
-                             "matrix of norm scale; balanced layers either way")
+                        help="W(0) = scale * diag(+-1, 1) (the docs' Razin-Cohen runs), or a "
+                             "Gaussian matrix of norm scale; balanced layers either way")
     parser.add_argument("--scale", type=float, default=1e-1,
                         help="scale of the end matrix at init (see --init)")
     parser.add_argument("--perturbed-depth", type=int, default=3)

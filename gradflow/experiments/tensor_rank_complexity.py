@@ -8,7 +8,11 @@ for every k in 1..K the mean squared error of the rank-k fit (Adam on the mean
 squared error) is reported on train and test sets, mean +- std over the tasks, for
 the original data and two random controls: images replaced by uniform random binary
 images ("rand image") and labels shuffled ("rand label"). Expected: the original
-data are fit far better than the controls at low rank, and generalize.
+data are fit far better than the controls at low rank, and generalize. Beside them,
+the linear baseline of the paper's appendix: for each task and data set, the
+least-squares linear predictor f(x) = <w, x> + b of the binary pixels
+(`linear_baseline`; the minimum-norm solution where pixels are constant or
+collinear), with its train and test errors computed the same way.
 
 Data: scikit-learn's 8x8 digits by default (order 64; 1258 train / 539 test images),
 or MNIST / Fashion-MNIST from a local folder of the original IDX files (`--data idx
@@ -302,6 +306,24 @@ def initial_model(key, order: int, ranks, repeats: int, mean: float, std: float,
     return StackedCP(scale * (1 + std * jr.normal(key, (order, 2, sizes.size), dtype)))
 
 
+def linear_baseline(train_x, train_y, test_x, test_y, clip: float):
+    """Least-squares linear predictors $f(x)=\\langle w,x\\rangle+b$, one per column
+    of the targets: `(train MSE, test MSE)` per column, the test errors clipped at
+    `clip` as for the CP fits.
+
+    **Arguments:** `train_x` `(m, P)` inputs (binary pixels), `train_y` `(m, tasks)`
+    targets, `test_x`, `test_y` likewise, `clip` the clip of a test squared error.
+
+    **Returns:** two arrays `(tasks,)`. The weights are NumPy's `lstsq` solution
+    (float64, minimum norm when the design is rank deficient).
+    """
+    design = lambda x: np.concatenate([np.asarray(x, float), np.ones((len(x), 1))], axis=1)
+    weights = np.linalg.lstsq(design(train_x), np.asarray(train_y, float), rcond=None)[0]
+    train = np.mean((design(train_x) @ weights - train_y) ** 2, axis=0)
+    test = np.mean(np.minimum((design(test_x) @ weights - test_y) ** 2, clip), axis=0)
+    return train, test
+
+
 def run(args, out: Path, progress: bool = True) -> dict:
     say = (lambda line: print(f"[{NAME}] {line}", flush=True)) if progress else (lambda line: None)
     if args.max_rank < 1:
@@ -360,6 +382,14 @@ def run(args, out: Path, progress: bool = True) -> dict:
             "test_mse_mean": test_mse[i].mean(axis=0).tolist(),
             "test_mse_std": test_mse[i].std(axis=0).tolist(),
         }
+        linear_train, linear_test = linear_baseline(
+            sets[v][0], onehot(sets[v][1]), sets[v][2], onehot(sets[v][3]), args.test_clip)
+        results[v] |= {
+            "linear_train_mse_mean": float(linear_train.mean()),
+            "linear_train_mse_std": float(linear_train.std()),
+            "linear_test_mse_mean": float(linear_test.mean()),
+            "linear_test_mse_std": float(linear_test.std()),
+        }
     say(f"{trajectory.stats['steps']} Adam steps in {wall:.1f}s; final summed loss "
         f"{float(trajectory.final['loss']):.4g}")
     say("mean squared error, mean +- std over tasks (train | test):")
@@ -370,6 +400,9 @@ def run(args, out: Path, progress: bool = True) -> dict:
         say(f"  {v} (label variance {r['label_variance']:.4f}):")
         for c in cells:
             say(f"    {c}")
+        say(f"    linear least squares: {r['linear_train_mse_mean']:.4f}+-"
+            f"{r['linear_train_mse_std']:.4f} | {r['linear_test_mse_mean']:.4f}+-"
+            f"{r['linear_test_mse_std']:.4f}")
     _figure(results, data.name, out / f"{NAME}.png")
     summary = {
         "data": data.name,
@@ -396,13 +429,17 @@ STYLES = {"original": dict(color="tab:blue", marker="o"),
 
 
 def _figure(results, name, path):
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 5))
     for v in VARIANTS:
         r = results[v]
         ks = np.asarray(r["ranks"])
         for split, style in (("train", dict(ls="-", alpha=1.0)), ("test", dict(ls="--", alpha=0.55))):
             ax.errorbar(ks, r[f"{split}_mse_mean"], yerr=r[f"{split}_mse_std"], capsize=3,
                         label=f"{v} {split}", **STYLES[v], **style)
+        if "linear_train_mse_mean" in r:
+            for split, ls in (("train", "-."), ("test", ":")):
+                ax.axhline(r[f"linear_{split}_mse_mean"], color=STYLES[v]["color"], ls=ls,
+                           lw=1, alpha=0.8, label=f"{v} {split}, linear least squares")
     var = np.mean([results[v]["label_variance"] for v in VARIANTS])
     ax.axhline(var, color="tab:green", alpha=0.5, label="label variance")
     ax.set_yscale("log")

@@ -5,3 +5,4 @@ from .cp import CP as CP
 from .matrix import DeepMatrix as DeepMatrix
 from .htf import HTF as HTF
 from .htf import ModeTree as ModeTree
+from .diagonal import DiagonalNet as DiagonalNet

@@ -45,6 +45,16 @@ class AbstractFactorization(eqx.Module):
         """Frobenius norm of the end tensor."""
         return jnp.sqrt(jnp.sum(self.full() ** 2))
 
+    def conserved(self) -> tuple[Float[Array, " n"], Float[Array, ""]] | None:
+        """What gradient flow conserves for every loss (the model's rescaling
+        symmetries), as `(values, scale)`: a flat array of conserved quantities and
+        the magnitude their rounding is relative to. `None` if the model knows none.
+
+        Every solve records the drift of these values from the initial model to the
+        end, relative to `scale` (`Trajectory.stats["conservation_drift"]`): a cheap
+        accuracy signal of the solve itself."""
+        return None
+
 
 class AbstractBlockFactorization(AbstractFactorization):
     """A factorization that can cut out the weights of its largest components.

@@ -1,5 +1,6 @@
-"""CP (canonical polyadic) tensor factorization, THEORY.md §3.1."""
+"""CP (canonical polyadic) tensor factorization (Razin, Maman & Cohen 2021, Eqs. (1)–(4))."""
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -7,7 +8,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
-from .._validate import check_dims, check_int, check_positive
+from .._validate import check_dims, check_finite, check_int, check_positive
 from .base import AbstractAdditiveFactorization
 
 
@@ -97,6 +98,13 @@ class CP(AbstractAdditiveFactorization):
         r"""$P_r=\prod_n\|\mathbf w_r^n\|$."""
         return jnp.prod(self.vector_norms(), axis=0)
 
+    def conserved(self) -> tuple[Float[Array, " n"], Float[Array, ""]]:
+        r"""The gaps $\|\mathbf w_r^n\|^2-\|\mathbf w_r^N\|^2$ between the squared vector
+        norms of each component (Lemma 1: conserved for every loss), and the largest
+        squared vector norm."""
+        sq = self.vector_norms() ** 2
+        return (sq[:-1] - sq[-1:]).ravel(), jnp.max(sq)
+
     def norm(self) -> Float[Array, ""]:
         """Frobenius norm of the end tensor, from the R×R Gram matrices (no full tensor)."""
         gram = self.factors[0].T @ self.factors[0]
@@ -120,24 +128,54 @@ class CP(AbstractAdditiveFactorization):
         rank: int,
         std: float | ArrayLike,
         dtype=jnp.float64,
+        *,
+        mean: float | ArrayLike = 0.0,
     ) -> "CP":
-        """I.i.d. $\\mathcal N(0, \\mathrm{std}^2)$ entries (the papers' initialization).
+        """I.i.d. $\\mathcal N(\\mathrm{mean}, \\mathrm{std}^2)$ entries (the papers' initialization).
 
         **Arguments:**
 
         - `key`: a JAX PRNG key.
         - `dims`: mode dimensions $(d_1,\\dots,d_N)$, $N\\ge2$.
-        - `rank`: number of components R.
+        - `rank`: number of components R; [`gradflow.CP.max_rank`][] is the papers'
+          default.
         - `std`: standard deviation of every entry (may be a traced scalar in sweeps).
         - `dtype`: float64 by default; pass `jnp.float32` to opt into single precision.
+        - `mean`: the entries' mean (keyword only; default 0, the theory's small init).
+          The tensor-factorization paper's fits of natural data start at mean 1
+          (every factor entry near 1, each component near the all-ones tensor).
 
         **Returns:** a `CP` model.
         """
         dims = _check_cp_args(dims, rank)
         check_positive("std", std, allow_zero=True)
+        check_finite("mean", mean)
         keys = jr.split(key, len(dims))
         std = jnp.asarray(std, dtype)
-        return cls(tuple(std * jr.normal(k, (d, rank), dtype) for k, d in zip(keys, dims)))
+        mean = jnp.asarray(mean, dtype)
+        return cls(tuple(mean + std * jr.normal(k, (d, rank), dtype)
+                         for k, d in zip(keys, dims)))
+
+    @staticmethod
+    def max_rank(dims: Sequence[int]) -> int:
+        r"""The product of all mode dimensions but the largest: an upper bound on the
+        tensor rank of *every* tensor of shape `dims`.
+
+        With $d_N$ the largest, $\mathcal W=\sum_{i_1..i_{N-1}}\mathbf e_{i_1}\otimes
+        \cdots\otimes\mathbf e_{i_{N-1}}\otimes\mathcal W_{i_1..i_{N-1},:}$ writes any
+        tensor with that many rank-one terms. The papers' code uses it as the number
+        of components $R$, so that the factorization can express any tensor and only
+        the implicit regularization of the flow keeps its rank low (1000 for
+        $10\times10\times10\times10$, 64 for $8\times8\times8$).
+
+        **Arguments:**
+
+        - `dims`: mode dimensions, at least 2.
+
+        **Returns:** a Python int.
+        """
+        dims = check_dims("dims", dims, min_len=2)
+        return math.prod(sorted(dims)[:-1])
 
     @classmethod
     def balanced(
@@ -151,7 +189,7 @@ class CP(AbstractAdditiveFactorization):
         """Exactly balanced init: $\\|\\mathbf w_r^n\\| = $ `scale` for every mode $n$.
 
         Directions are uniform on the unit spheres, so the unbalancedness magnitude
-        (THEORY.md §3.3) is zero up to rounding, and $P_r=\\mathrm{scale}^N$.
+        (Definition 1; docs: Theory › Lemma 1) is zero up to rounding, and $P_r=\\mathrm{scale}^N$.
 
         **Arguments:**
 

@@ -1,4 +1,4 @@
-"""Hierarchical tensor factorization over a mode tree, THEORY.md §4.1–§4.2.
+"""Hierarchical tensor factorization over a mode tree (docs: Theory › The HTF model, §4.1–4.2).
 
 `ModeTree` is the static description of the tree; `HTF` holds its weight matrices.
 """
@@ -24,7 +24,7 @@ PATTERNS = ("adjacent", "interleaved")
 
 @dataclasses.dataclass(frozen=True)
 class ModeTree:
-    r"""A mode tree $\mathcal T$ over the modes $0,\dots,N-1$ (THEORY.md §4.1).
+    r"""A mode tree $\mathcal T$ over the modes $0,\dots,N-1$ (docs: Theory › The HTF model).
 
     Written as nested tuples: a leaf is a mode (an `int`), an interior node is the
     tuple of its children. `((0, 1), (2, 3))` is the balanced binary tree over four
@@ -253,7 +253,7 @@ class ModeTree:
 
 
 class HTF(AbstractBlockFactorization):
-    r"""Hierarchical tensor factorization $\mathcal W_H$ over a `ModeTree` (THEORY.md §4.1).
+    r"""Hierarchical tensor factorization $\mathcal W_H$ over a `ModeTree` (docs: The HTF model).
 
     `weights[v]` is $W^{(v)}$ for node id `v` (see [`gradflow.ModeTree`][]): a
     leaf's matrix is $d_n\times R_{Pa(n)}$, an interior node's $R_\nu\times
@@ -423,6 +423,14 @@ class HTF(AbstractBlockFactorization):
             grams.append(self.weights[v].T @ inner @ self.weights[v])
         return jnp.sqrt(jnp.maximum(grams[-1][0, 0], 0.0))
 
+    def conserved(self) -> tuple[Float[Array, " n"], Float[Array, ""]]:
+        r"""The gaps $\|\mathbf a^{(\nu,r)}_k\|^2-\|W^{(\nu)}_{r,:}\|^2$ between the squared
+        norms of each local component's vectors (conserved for every loss), and the
+        largest squared vector norm."""
+        sq = [n**2 for n in self.local_vector_norms().values()]
+        gaps = jnp.concatenate([(s[:-1] - s[-1:]).ravel() for s in sq])
+        return gaps, jnp.max(jnp.stack([jnp.max(s) for s in sq]))
+
     def local_vector_norms(self) -> dict[int, Float[Array, "K R"]]:
         r"""The norms of the $K_\nu$ vectors of every local component (§4.2).
 
@@ -459,7 +467,7 @@ class HTF(AbstractBlockFactorization):
         std: float | ArrayLike,
         dtype=jnp.float64,
     ) -> "HTF":
-        """I.i.d. $\\mathcal N(0,\\mathrm{std}^2)$ entries in every matrix (CODE-HTF's init, §4.7).
+        """I.i.d. $\\mathcal N(0,\\mathrm{std}^2)$ entries in every matrix (CODE-HTF's init).
 
         **Arguments:**
 
@@ -489,7 +497,7 @@ class HTF(AbstractBlockFactorization):
         scale: float | ArrayLike,
         dtype=jnp.float64,
     ) -> "HTF":
-        r"""Exactly balanced init: zero HTF unbalancedness (THEORY.md §4.4–§4.5).
+        r"""Exactly balanced init: zero HTF unbalancedness (docs: Theory › HTF conservation, §4.4).
 
         Sign matrices $W^{(\nu)}=s_\nu\cdot(\pm1)$ with random signs, scaled top-down:
         $s_{[N]}=$ `scale` and $s_c=s_\nu\sqrt{R_{Pa(\nu)}/R_c}$ for each child $c$ of

@@ -1,4 +1,4 @@
-"""Deep matrix factorization (deep linear network), THEORY.md §1.1."""
+"""Deep matrix factorization (deep linear network; Arora, Cohen & Hazan 2018)."""
 
 from collections.abc import Sequence
 
@@ -17,7 +17,8 @@ class DeepMatrix(AbstractFactorization):
     **Arguments:**
 
     - `layers`: a tuple of matrices; `layers[j - 1]` is $W_j$ (the input layer $W_1$
-      comes first; constructors `gaussian`, `balanced`, `identity`), so the end
+      comes first; constructors `gaussian`, `orthogonal`, `uniform`, `balanced`,
+      `identity`), so the end
       matrix has shape $(d_L, d_0)$. Any `Completion` or `Sensing` objective of that
       shape observes it; the loss is the library's usual mean over observations.
 
@@ -83,6 +84,14 @@ class DeepMatrix(AbstractFactorization):
         r"""Singular values of the end matrix, descending ($k=\min(d_0,d_L)$)."""
         return jnp.linalg.svd(self.full(), compute_uv=False)
 
+    def conserved(self) -> tuple[Float[Array, " n"], Float[Array, ""]]:
+        r"""Every entry of $C_j=W_{j+1}^\top W_{j+1}-W_jW_j^\top$ (balancedness, conserved
+        for every loss; none at depth 1) and $\max_j\|W_j\|_F^2$."""
+        cs = [b.T @ b - a @ a.T for a, b in zip(self.layers[:-1], self.layers[1:])]
+        values = (jnp.concatenate([c.ravel() for c in cs]) if cs
+                  else jnp.zeros((0,), self.layers[0].dtype))
+        return values, jnp.max(jnp.stack([jnp.sum(w**2) for w in self.layers]))
+
     @classmethod
     def gaussian(
         cls,
@@ -91,6 +100,8 @@ class DeepMatrix(AbstractFactorization):
         std: float | ArrayLike,
         dtype=jnp.float64,
         det_sign: int | None = None,
+        *,
+        end_scale: float | ArrayLike | None = None,
     ) -> "DeepMatrix":
         """I.i.d. $\\mathcal N(0, \\mathrm{std}^2)$ entries in every layer (not balanced).
 
@@ -103,7 +114,12 @@ class DeepMatrix(AbstractFactorization):
         - `dtype`: float64 by default.
         - `det_sign`: `+1` or `-1` to force $\\operatorname{sign}\\det W(0)$ (square end
           matrices only) by flipping the sign of the first row of $W_L$ if needed,
-          as the Razin–Cohen experiments do (THEORY.md §2.6). `None` leaves it free.
+          as the Razin–Cohen experiments do (docs: Theory › Norms go to infinity, the
+          paper's experiments). `None` leaves it free.
+        - `end_scale`: if given, the layers are then rescaled (all by one factor) so
+          that $\\|W(0)\\|_F/\\sqrt n$ = `end_scale` exactly (Arora et al.'s init-scale
+          convention, see [`gradflow.DeepMatrix.with_end_scale`][]); `std` then only
+          shapes the draw.
 
         **Returns:** a `DeepMatrix`.
         """
@@ -127,7 +143,106 @@ class DeepMatrix(AbstractFactorization):
             sign = jnp.sign(jnp.linalg.det(cls(layers).full()))
             flip = jnp.where(sign == det_sign, 1.0, -1.0).astype(dtype)
             layers[-1] = layers[-1].at[0].multiply(flip)
-        return cls(layers)
+        return _maybe_end_scale(cls(layers), end_scale)
+
+    @classmethod
+    def orthogonal(
+        cls,
+        key: PRNGKeyArray,
+        dims: Sequence[int],
+        scale: float | ArrayLike = 1.0,
+        dtype=jnp.float64,
+        *,
+        end_scale: float | ArrayLike | None = None,
+    ) -> "DeepMatrix":
+        r"""Every layer `scale` times a random (semi-)orthogonal matrix.
+
+        $W_j=\mathrm{scale}\cdot Q_j$ with $Q_j$ Haar-distributed: orthonormal columns
+        if $d_j\ge d_{j-1}$, orthonormal rows otherwise (QR of a Gaussian matrix, with
+        the signs of $R$'s diagonal folded in). For square layers every singular value
+        of $W_j$ is `scale`, and of $W(0)$ is $\mathrm{scale}^L$.
+
+        **Arguments:**
+
+        - `key`, `dims`, `dtype`: as in [`gradflow.DeepMatrix.gaussian`][].
+        - `scale`: the singular value of every layer ($\ge0$, may be traced).
+        - `end_scale`: as in [`gradflow.DeepMatrix.gaussian`][] (overrides `scale`'s
+          size, keeps the directions).
+
+        **Returns:** a `DeepMatrix`.
+        """
+        dims = check_dims("dims", dims, min_len=2)
+        check_positive("scale", scale, allow_zero=True)
+        scale = jnp.asarray(scale, dtype)
+        layers = []
+        for k, d_in, d_out in zip(jr.split(key, len(dims) - 1), dims[:-1], dims[1:]):
+            tall = (max(d_out, d_in), min(d_out, d_in))
+            q, r = jnp.linalg.qr(jr.normal(k, tall, dtype))
+            q = q * jnp.where(jnp.diag(r) < 0, -1.0, 1.0).astype(dtype)
+            layers.append(scale * (q if d_out >= d_in else q.T))
+        return _maybe_end_scale(cls(layers), end_scale)
+
+    @classmethod
+    def uniform(
+        cls,
+        key: PRNGKeyArray,
+        dims: Sequence[int],
+        bound: float | ArrayLike,
+        dtype=jnp.float64,
+        *,
+        end_scale: float | ArrayLike | None = None,
+    ) -> "DeepMatrix":
+        r"""I.i.d. entries uniform on $[-\mathrm{bound},\mathrm{bound}]$ in every layer
+        (standard deviation $\mathrm{bound}/\sqrt3$).
+
+        **Arguments:**
+
+        - `key`, `dims`, `dtype`: as in [`gradflow.DeepMatrix.gaussian`][].
+        - `bound`: the half-width ($\ge0$, may be traced).
+        - `end_scale`: as in [`gradflow.DeepMatrix.gaussian`][].
+
+        **Returns:** a `DeepMatrix`.
+        """
+        dims = check_dims("dims", dims, min_len=2)
+        check_positive("bound", bound, allow_zero=True)
+        bound = jnp.asarray(bound, dtype)
+        layers = [
+            bound * jr.uniform(k, (d_out, d_in), dtype, minval=-1.0, maxval=1.0)
+            for k, d_in, d_out in zip(jr.split(key, len(dims) - 1), dims[:-1], dims[1:])
+        ]
+        return _maybe_end_scale(cls(layers), end_scale)
+
+    def end_scale(self) -> Float[Array, ""]:
+        r"""$\|W\|_F/\sqrt n$ with $n=\min(d_0,d_L)$: the root mean square of the end
+        matrix's $n$ singular values (Arora et al.'s measure of the init's scale; for
+        an $n\times n$ end matrix, $\|W\|_F/\sqrt n$)."""
+        n = min(self.shape)
+        return jnp.sqrt(jnp.sum(self.full() ** 2) / n)
+
+    def with_end_scale(self, end_scale: float | ArrayLike) -> "DeepMatrix":
+        r"""This model with every layer multiplied by one factor $c^{1/L}$, chosen so that
+        $\|W\|_F/\sqrt n$ = `end_scale` ([`gradflow.DeepMatrix.end_scale`][]).
+
+        The directions of the layers, hence the shape of the spectrum and the relative
+        imbalance, are kept; only the size changes (Arora et al. set the init's size
+        this way, whatever the depth and the widths).
+
+        **Arguments:**
+
+        - `end_scale`: the target $\|W\|_F/\sqrt n$, > 0 (may be traced).
+
+        **Returns:** a `DeepMatrix`; a model whose end matrix is 0 cannot be rescaled
+        (a `ValueError` when concrete).
+        """
+        check_positive("end_scale", end_scale)
+        current = self.end_scale()
+        now = concrete(current)
+        if now is not None and not now > 0:
+            raise ValueError("`with_end_scale`: the end matrix is 0, so it cannot be rescaled "
+                             "to a given `end_scale`.")
+        dtype = self.layers[0].dtype
+        factor = (jnp.asarray(end_scale, dtype) / current) ** (1.0 / self.depth)
+        return DeepMatrix(tuple(factor * w for w in self.layers))
 
     @classmethod
     def balanced(
@@ -137,7 +252,8 @@ class DeepMatrix(AbstractFactorization):
         dims: Sequence[int],
         dtype=jnp.float64,
     ) -> "DeepMatrix":
-        r"""Exactly balanced layers whose product is `end` (THEORY.md §1.3).
+        r"""Exactly balanced layers whose product is `end` (docs: Theory › Balancedness,
+        building an exactly balanced init).
 
         With the thin SVD $\mathrm{end}=USV^\top$ of rank $k$ and random $Q_j$ with
         orthonormal columns ($d_j\times k$, QR of a Gaussian) for the hidden layers:
@@ -215,3 +331,7 @@ class DeepMatrix(AbstractFactorization):
         check_positive("alpha", alpha)
         root = jnp.asarray(alpha, dtype) ** (1.0 / depth)
         return cls([root * jnp.eye(d, dtype=dtype) for _ in range(depth)])
+
+
+def _maybe_end_scale(model: DeepMatrix, end_scale) -> DeepMatrix:
+    return model if end_scale is None else model.with_end_scale(end_scale)

@@ -20,6 +20,7 @@ register(Check("loss-decreases", "the loss never increases along the flow",
 """
 
 from . import checks as checks
+from . import diagonal as diagonal
 from .registry import CHECKS as CHECKS
 from .registry import Case as Case
 from .registry import Check as Check

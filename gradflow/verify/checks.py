@@ -1,9 +1,32 @@
-"""The built-in theorem checks of `gradflow verify` (THEORY.md §6's check matrix).
+"""The built-in theorem checks of `gradflow verify` (the check identifiers of the docs' Theory index).
 
-Each check draws random instances (orders, shapes, depths, trees, scales), integrates
-them with Dopri8 at rtol 1e-11 (the accuracy THEORY.md's expectations assume) unless
-the problem needs a stiff solver, and reduces a residual along the trajectory.
+Each check draws random instances and integrates them with Dopri8 at rtol 1e-11 (the
+accuracy the docs' Theory pages assume) unless the problem needs a stiff solver, then
+reduces a residual along the trajectory.
+
+**Instances.** Shapes come from a few fixed *buckets* per family of checks (orders,
+dims, ranks, depths, trees; instance `k` of a check is drawn in bucket
+`k % len(check.buckets)`), and everything else is random per instance: the data, the
+init and its scale, the observed entries, the stop thresholds. The number of
+observations varies at a fixed shape through a 0/1 mask on the bucket's full set of
+entries (`Completion(weights=mask)`: the loss is then the mean over the observed
+entries, exactly the loss of observing those entries alone). The checks of a family
+observe the same quantities, so their instances of one bucket are integrated by one
+compiled, vmapped solve:
+
+- CP, squared loss (`cp-lemma1`, `cp-identity`, `cp-theorem1`, `cp-corollary1`,
+  `closed-form-odeco-cp`, `closed-form-product`): `CP_BUCKETS`;
+- CP, Huber loss (`huber-small-ball`, `closed-form-escape`): `HUBER_BUCKETS`;
+- deep matrix factorization (`dmf-*`, `closed-form-aligned-dmf`): `DMF_BUCKETS`;
+- the 2×2 problems (`rc-bounds`, `rc-perturbed-bounds`): `RC_BUCKETS`;
+- hierarchical tensor factorization (`htf-*`): `HTF_BUCKETS`.
+
+The closed forms of §5 are embedded in a bucket's shape: components that are not part
+of the closed form are exactly zero (and stay zero: every gradient of a CP component
+has a factor of the component itself), and entries that are not part of it have weight 0.
 """
+
+import math
 
 import diffrax as dfx
 import jax
@@ -15,8 +38,7 @@ from ..analysis import closed_forms as oracle
 from ..analysis import cp as acp
 from ..analysis import htf as ahtf
 from ..analysis import matrix as am
-from ..data import random_cp_tensor, sample_indices
-from .._flow import flow
+from ..data import random_cp_tensor
 from ..models.cp import CP
 from ..models.htf import HTF, ModeTree
 from ..models.matrix import DeepMatrix
@@ -28,6 +50,25 @@ from .registry import Case, Check, register
 
 ACCURATE = dict(solver=dfx.Dopri8(), rtol=1e-11, atol=1e-14, max_steps=200_000)
 
+CP_BUCKETS = (dict(order=3, dims=3, rank=4), dict(order=4, dims=2, rank=3),
+              dict(order=5, dims=2, rank=2))
+"""Shapes of the squared-loss CP checks (every entry indexed, a random subset observed)."""
+
+HUBER_BUCKETS = (dict(order=3, dims=3, rank=3), dict(order=4, dims=2, rank=4))
+"""Shapes of the Huber-loss CP checks."""
+
+DMF_BUCKETS = (dict(dims=(3, 4, 3)), dict(dims=(4, 3, 5, 3)), dict(dims=(2, 3, 3, 2, 3)))
+"""Widths $(d_0,\\dots,d_L)$ of the deep matrix checks: depths 2, 3, 4, every hidden
+width at least $\\min(d_0,d_L)$ (so a balanced init can hold any end matrix)."""
+
+RC_BUCKETS = (dict(depth=3), dict(depth=4))
+"""Depths of the 2×2 Razin–Cohen problems."""
+
+HTF_BUCKETS = (dict(tree="binary", dims=(2, 3, 2, 3), widths=2),
+               dict(tree="adjacent", dims=(3, 2, 3), widths=3),
+               dict(tree="interleaved", dims=(2, 2, 2, 2, 2), widths=2))
+"""Trees, mode dimensions and widths of the HTF checks."""
+
 
 def _rng(key) -> np.random.Generator:
     return np.random.default_rng(int(jr.randint(key, (), 0, 2**31 - 1)))
@@ -37,10 +78,10 @@ def _linear(t1: float, num: int = 25) -> np.ndarray:
     return np.linspace(0.0, t1, num)
 
 
-def _accurate_case(model, objective, t1, observers, description) -> Case:
-    """A case integrated accurately to `t1`, observed at 25 equally spaced times."""
-    return Case(model, objective, dict(t1=t1, save_times=_linear(t1), observers=observers,
-                                       **ACCURATE), description)
+def _accurate_case(model, objective, t1, observers, description, saves=25, extra=None) -> Case:
+    """A case integrated accurately to `t1`, observed at `saves` equally spaced times."""
+    return Case(model, objective, dict(t1=t1, save_times=_linear(t1, saves), observers=observers,
+                                       **ACCURATE), description, extra or {})
 
 
 def _max_observed(name):
@@ -51,171 +92,245 @@ def _all_indices(shape):
     return jnp.stack(jnp.unravel_index(jnp.arange(int(np.prod(shape))), shape), axis=1)
 
 
+def _mask(rng, size: int, m: int) -> jnp.ndarray:
+    """Weights observing `m` random entries of `size` (1 observed, 0 not)."""
+    mask = np.zeros(size)
+    mask[rng.choice(size, m, replace=False)] = 1.0
+    return jnp.asarray(mask)
+
+
 def _orthonormal(key, d, k):
     return jnp.linalg.qr(jr.normal(key, (d, k)))[0]
+
+
+def _pad_components(factors, rank):
+    """CP factors with zero components appended up to `rank` (they stay zero)."""
+    return CP(tuple(jnp.pad(f, ((0, 0), (0, rank - f.shape[1]))) for f in factors))
 
 
 # --- CP, §3 ---------------------------------------------------------------------------
 
 
-def _cp_case(key, observers, balanced=False):
+def _theorem1(t, model, objective):
+    """Theorem 1's violation for ε = the unbalancedness of the current model: ε is
+    conserved (Lemma 1), so this is the init's ε to the solver's accuracy, which
+    `cp-lemma1` checks to 1e-10 on the same solves."""
+    return acp.theorem1_violation(model, objective, acp.unbalancedness(model))
+
+
+CP_OBSERVERS = {
+    "sq": squared_vector_norms,
+    "identity": lambda t, m, o: acp.identity_residual(m, o),
+    "theorem1": _theorem1,
+    "corollary": lambda t, m, o: acp.corollary_residual(m, o),
+    "component_norms": lambda t, m, o: m.component_norms(),
+}
+"""What every squared-loss CP solve observes (each check reads its own entry)."""
+
+CP_SAVES = 120
+
+
+def _cp_case(key, bucket=CP_BUCKETS[0], balanced=False):
+    """A completion instance of a CP bucket: truth of CP rank 2, 8–30 observed entries,
+    a Gaussian (or balanced) init of scale 0.2–0.6, integrated to t = 60 |Ω|."""
     rng = _rng(key)
-    order, d, rank = int(rng.integers(3, 5)), int(rng.integers(2, 5)), int(rng.integers(2, 7))
-    dims = (d,) * order
-    m = min(int(rng.integers(8, 31)), d**order)
+    order, d, rank = bucket["order"], bucket["dims"], bucket["rank"]
+    dims, size = (d,) * order, d**order
+    m = int(rng.integers(8, min(30, size) + 1))
     scale = float(rng.uniform(0.2, 0.6))
-    k_truth, k_obs, k_init = jr.split(key, 3)
-    objective = Completion.from_tensor(random_cp_tensor(k_truth, dims, 2),
-                                       sample_indices(k_obs, dims, m))
+    k_truth, k_init = jr.split(key)
+    objective = Completion.from_tensor(random_cp_tensor(k_truth, dims, 2), _all_indices(dims),
+                                       weights=_mask(rng, size, m))
     make = CP.balanced if balanced else CP.gaussian
     model = make(k_init, dims, rank, scale)
-    return _accurate_case(model, objective, 60.0 * m, observers(model),
-                          f"order {order}, dims {d}, R={rank}, |Ω|={m}, scale {scale:.2g}")
+    return _accurate_case(model, objective, 60.0 * m, CP_OBSERVERS,
+                          f"order {order}, dims {d}, R={rank}, |Ω|={m}, scale {scale:.2g}, "
+                          f"{'balanced' if balanced else 'Gaussian'}", CP_SAVES)
 
+
+_CP_RANGES = "8–30 observed entries, truth of CP rank 2, init scale 0.2–0.6"
 
 register(Check(
     "cp-lemma1",
     "‖w_r^n‖² − ‖w_r^n'‖² is constant in time (Lemma 1, §3.2)",
-    "any CP init (Gaussian, unbalanced), ℓ2 completion",
-    lambda key: _cp_case(key, lambda m: {"sq": squared_vector_norms}),
+    f"any CP init (Gaussian, unbalanced), ℓ2 completion; {_CP_RANGES}",
+    lambda key, bucket: _cp_case(key, bucket),
     lambda tr, case: acp.conservation_verdict(tr["sq"]).value,
     1e-10,
+    CP_BUCKETS,
 ))
 register(Check(
     "cp-identity",
     "dP_r/dt = γ_r Σ_n Π_{n'≠n} ‖w_r^{n'}‖² (exact identity, §3.4)",
-    "any CP init, ℓ2 completion",
-    lambda key: _cp_case(key, lambda m: {"r": lambda t, m, o: acp.identity_residual(m, o)}),
-    _max_observed("r"),
+    f"any CP init (Gaussian), ℓ2 completion; {_CP_RANGES}",
+    lambda key, bucket: _cp_case(key, bucket),
+    _max_observed("identity"),
     1e-8,
+    CP_BUCKETS,
 ))
 register(Check(
     "cp-theorem1",
     "dP_r/dt within Theorem 1's bounds for unbalancedness ε (§3.5)",
-    "ε = unbalancedness of the (Gaussian) init",
-    lambda key: _cp_case(key, lambda m: {"r": (lambda eps: lambda t, m, o: acp.theorem1_violation(
-        m, o, eps))(acp.unbalancedness(m))}),
-    _max_observed("r"),
+    f"ε = unbalancedness of the (Gaussian) init; {_CP_RANGES}",
+    lambda key, bucket: _cp_case(key, bucket),
+    _max_observed("theorem1"),
     1e-9,
+    CP_BUCKETS,
 ))
 register(Check(
     "cp-corollary1",
     "dP_r/dt = N γ_r P_r^(2−2/N) (Corollary 1, §3.6)",
-    "balanced init (ε = 0)",
-    lambda key: _cp_case(key, lambda m: {"r": lambda t, m, o: acp.corollary_residual(m, o)},
-                         balanced=True),
-    _max_observed("r"),
+    f"balanced init (ε = 0); {_CP_RANGES}",
+    lambda key, bucket: _cp_case(key, bucket, balanced=True),
+    _max_observed("corollary"),
     1e-8,
+    CP_BUCKETS,
 ))
 
 
-def _huber_case(key):
+def _gradient_gap(t, model, objective):
+    """max |∇L − G0| / max |G0|, with G0 = ∇L at W = 0 (the predictions' gradient)."""
+    g0 = jax.grad(objective.loss_at)(jnp.zeros_like(objective.values))
+    g = jax.grad(objective.loss_at)(objective.predict(model))
+    return jnp.max(jnp.abs(g - g0)) / jnp.max(jnp.abs(g0))
+
+
+HUBER_OBSERVERS = {
+    "gradient_gap": _gradient_gap,
+    "gammas": lambda t, m, o: acp.gammas(m, o),
+    "component_norms": lambda t, m, o: m.component_norms(),
+}
+"""What every Huber-loss CP solve observes."""
+
+HUBER_SAVES = 401
+
+
+def _huber_flow(t1, rho):
+    save_times = np.concatenate([[0.0], np.geomspace(t1 * 1e-12, t1, HUBER_SAVES - 1)])
+    return dict(t1=t1, radius=rho, save_times=save_times, observers=HUBER_OBSERVERS, **ACCURATE)
+
+
+def _huber_case(key, bucket=HUBER_BUCKETS[0]):
     rng = _rng(key)
-    order, d, rank = int(rng.integers(3, 5)), int(rng.integers(2, 4)), int(rng.integers(2, 5))
-    dims = (d,) * order
-    m = min(int(rng.integers(3, 9)), d**order)
-    values = rng.choice([-1.0, 1.0], m) * rng.uniform(1.0, 2.0, m)
-    delta = float(rng.uniform(0.1, 0.5) * np.min(np.abs(values)))
-    k_obs, k_init = jr.split(key)
-    objective = Completion(dims, sample_indices(k_obs, dims, m), jnp.asarray(values),
-                           HuberLoss(delta))
-    model = CP.gaussian(k_init, dims, rank, float(rng.uniform(0.05, 0.2)))
-    rho = 0.5 * (float(np.min(np.abs(values))) - delta)
-    g0 = -(delta / m) * jnp.sign(objective.values)
-    observers = {
-        "gradient_gap": lambda t, mdl, o: jnp.max(jnp.abs(
-            jax.grad(o.loss_at)(o.predict(mdl)) - g0)) / jnp.max(jnp.abs(g0)),
-        "gammas": lambda t, mdl, o: acp.gammas(mdl, o),
-        "component_norms": lambda t, mdl, o: mdl.component_norms(),
-    }
-    t1 = 1e9
-    save_times = np.concatenate([[0.0], np.geomspace(1e-3, t1, 400)])
-    return Case(model, objective, dict(t1=t1, radius=rho, save_times=save_times,
-                                       observers=observers, **ACCURATE),
-                f"order {order}, dims {d}, R={rank}, |Ω|={m}, δ={delta:.2g}, ρ={rho:.2g}")
+    order, d, rank = bucket["order"], bucket["dims"], bucket["rank"]
+    dims, size = (d,) * order, d**order
+    m = int(rng.integers(3, 9))
+    mask = _mask(rng, size, m)
+    values = rng.choice([-1.0, 1.0], size) * rng.uniform(1.0, 2.0, size)
+    y_min = float(np.min(np.abs(values[np.asarray(mask) > 0])))
+    delta = float(rng.uniform(0.1, 0.5) * y_min)
+    objective = Completion(dims, _all_indices(dims), jnp.asarray(values),
+                           HuberLoss(jnp.asarray(delta)), weights=mask)
+    model = CP.gaussian(key, dims, rank, float(rng.uniform(0.05, 0.2)))
+    rho = 0.5 * (y_min - delta)
+    flow = _huber_flow(1e9, rho)
+    alone = tuple(  # component r with every other component deleted (set to 0)
+        Case(CP(tuple(f * (jnp.arange(rank) == r).astype(f.dtype) for f in model.factors)),
+             objective, flow)
+        for r in range(rank))
+    return Case(model, objective, flow,
+                f"order {order}, dims {d}, R={rank}, |Ω|={m}, δ={delta:.2g}, ρ={rho:.2g}",
+                companions=alone)
 
 
 def _huber_residual(tr, case):
-    """Worst of: ∇L ≠ G0, a decrease of some γ_r, and component r's trajectory
-    changing when every other component is deleted (§3.8)."""
+    """Worst of: ∇L ≠ G0, a decrease of some γ_r, and any component's trajectory
+    changing when every other component is deleted (§3.8), on the saves where the
+    model and the component alone are both still inside the ball."""
     gammas = np.asarray(tr["gammas"])
     drop = np.max(np.maximum(gammas[:-1] - gammas[1:], 0.0)) / np.max(np.abs(gammas))
-    leader = int(np.argmax(tr["component_norms"][-1]))
-    alone = flow(case.model.take(jnp.array([leader])), case.objective, t1=tr.t_final,
-                 save_times=tr.ts, observers=["component_norms"], **ACCURATE)
-    p = np.asarray(tr["component_norms"])[:, leader]
-    coupling = np.max(np.abs(alone["component_norms"][:, 0] - p)) / np.max(p)
-    return max(float(np.max(tr["gradient_gap"])), float(drop), float(coupling))
+    grid = case.flow["save_times"]
+    p = np.asarray(tr["component_norms"])
+    coupling = 0.0
+    for r, alone in enumerate(case.companion_trajectories):
+        n = int(np.searchsorted(grid, min(tr.t_final, alone.t_final), side="right"))
+        alone_p = np.asarray(alone["component_norms"])[:n, r]
+        coupling = max(coupling, float(np.max(np.abs(alone_p - p[:n, r])) / np.max(p[:n, r])))
+    return max(float(np.max(tr["gradient_gap"])), float(drop), coupling)
 
 
 register(Check(
     "huber-small-ball",
     "inside ‖W‖ < min|y| − δ: ∇L ≡ G0, γ_r non-decreasing, components decoupled (§3.8, §5.5)",
-    "Huber loss with δ < min|y| (A1), init inside the ball, stop on the sphere ρ",
+    "Huber loss with δ < min|y| (A1): 3–8 observed entries |y| ∈ [1, 2], δ/min|y| ∈ "
+    "[0.1, 0.5], Gaussian init of scale 0.05–0.2 inside the ball, stop on the sphere "
+    "ρ = (min|y| − δ)/2; every component also integrated alone",
     _huber_case,
     _huber_residual,
     1e-8,
+    HUBER_BUCKETS,
 ))
 
 
 # --- deep matrix factorization, §1–§2 -------------------------------------------------
 
 
-def _dmf_case(key, observers, balanced):
+DMF_OBSERVERS = {
+    "c": lambda t, m, o: am.imbalance_vector(m),
+    "scale": lambda t, m, o: am.layer_scale(m),
+    "end_to_end": lambda t, m, o: am.end_to_end_residual(m, o),
+    "singular_values": lambda t, m, o: am.singular_value_residual(m, o),
+    "component_norms": lambda t, m, o: m.component_norms(),
+}
+"""What every deep-matrix solve observes."""
+
+DMF_SAVES = 80
+
+
+def _dmf_case(key, bucket=DMF_BUCKETS[0], balanced=False):
     rng = _rng(key)
-    depth = int(rng.integers(2, 5))
-    dims = [int(x) for x in rng.integers(2, 6, depth + 1)]
-    if balanced:  # hidden widths must hold the rank of the end matrix
-        dims[1:-1] = [max(d, min(dims[0], dims[-1])) for d in dims[1:-1]]
-    dims = tuple(dims)
+    dims = tuple(bucket["dims"])
     shape = (dims[-1], dims[0])
-    m = int(rng.integers(max(2, shape[0] * shape[1] // 3), shape[0] * shape[1] + 1))
-    k_truth, k_obs, k_init, k_end = jr.split(key, 4)
-    truth = jr.normal(k_truth, shape)
-    objective = Completion.from_tensor(truth, sample_indices(k_obs, shape, m))
+    size = shape[0] * shape[1]
+    m = int(rng.integers(max(2, size // 3), size + 1))
+    k_truth, k_init, k_end = jr.split(key, 3)
+    objective = Completion.from_tensor(jr.normal(k_truth, shape), _all_indices(shape),
+                                       weights=_mask(rng, size, m))
     scale = float(rng.uniform(0.3, 0.8))
     if balanced:
         end = jr.normal(k_end, shape)
         model = DeepMatrix.balanced(k_init, scale * end / jnp.linalg.norm(end), dims)
     else:
         model = DeepMatrix.gaussian(k_init, dims, scale)
-    return _accurate_case(model, objective, 10.0 * m, observers,
+    return _accurate_case(model, objective, 10.0 * m, DMF_OBSERVERS,
                           f"dims {dims}, |Ω|={m}, scale {scale:.2g}, "
-                          f"{'balanced' if balanced else 'Gaussian'}")
+                          f"{'balanced' if balanced else 'Gaussian'}", DMF_SAVES)
 
+
+_DMF_RANGES = "⌈size/3⌉–all entries observed, Gaussian truth, scale 0.3–0.8"
 
 register(Check(
     "dmf-balancedness",
     "C_j = W_{j+1}ᵀW_{j+1} − W_jW_jᵀ is constant in time (§1.2)",
-    "any init (Gaussian, unbalanced), depth 2–4, random widths",
-    lambda key: _dmf_case(key, {"c": lambda t, m, o: am.imbalance_vector(m),
-                                "scale": lambda t, m, o: am.layer_scale(m)}, balanced=False),
+    f"any init (Gaussian, unbalanced), depth 2–4; {_DMF_RANGES}",
+    lambda key, bucket: _dmf_case(key, bucket, balanced=False),
     lambda tr, case: am.balancedness_verdict(tr["c"], tr["scale"]).value,
     1e-10,
+    DMF_BUCKETS,
 ))
 register(Check(
     "dmf-end-to-end",
     "dW/dt = −Σ_j (WWᵀ)^((j−1)/L) ∇ℓ(W) (WᵀW)^((L−j)/L) (§1.4)",
-    "balanced init (§1.3 construction)",
-    lambda key: _dmf_case(key, {"r": lambda t, m, o: am.end_to_end_residual(m, o)},
-                          balanced=True),
-    _max_observed("r"),
+    f"balanced init (§1.3 construction), depth 2–4; {_DMF_RANGES}",
+    lambda key, bucket: _dmf_case(key, bucket, balanced=True),
+    _max_observed("end_to_end"),
     1e-8,
+    DMF_BUCKETS,
 ))
 register(Check(
     "dmf-singular-values",
     "dσ_r/dt = −L σ_r^(2−2/L) u_rᵀ∇ℓ(W) v_r (§1.5)",
-    "balanced init; nonzero singular values",
-    lambda key: _dmf_case(key, {"r": lambda t, m, o: am.singular_value_residual(m, o)},
-                          balanced=True),
-    _max_observed("r"),
+    f"balanced init; nonzero singular values; depth 2–4; {_DMF_RANGES}",
+    lambda key, bucket: _dmf_case(key, bucket, balanced=True),
+    _max_observed("singular_values"),
     1e-8,
+    DMF_BUCKETS,
 ))
 
 
-def _rc_case(key, perturbed):
+def _rc_case(key, bucket=RC_BUCKETS[0], perturbed=False):
     rng = _rng(key)
-    depth = int(rng.integers(3, 5))
+    depth = bucket["depth"]
     if perturbed:
         z, z2 = (rng.choice([-1.0, 1.0], 2) * rng.uniform(0.5, 2.0, 2)).tolist()
         eps = float(rng.choice([0.0, rng.uniform(0.01, 0.5)]))
@@ -245,78 +360,113 @@ def _rc_residual(tr, case):
 register(Check(
     "rc-bounds",
     "|w11| ≥ (1−s)²/s and σ_min ≤ s + s(1+s)²/(1−s)² while det W > 0 (§2.3)",
-    "2×2 problem, balanced init with det W(0) > 0, depth 3–4",
-    lambda key: _rc_case(key, perturbed=False),
+    "2×2 problem, balanced init with det W(0) > 0 of norm 0.02–0.2, depth 3–4, "
+    "to a loss of 1e-6–1e-4",
+    lambda key, bucket: _rc_case(key, bucket, perturbed=False),
     _rc_residual,
     1e-9,
+    RC_BUCKETS,
 ))
 register(Check(
     "rc-perturbed-bounds",
     "|w11| ≥ (|z|−s)(|z'|−s)/(|ε|+s) and the σ_min bound (§2.4)",
-    "2×2 perturbed problem, sign det W(0) = sign(zz'), depth 3–4",
-    lambda key: _rc_case(key, perturbed=True),
+    "2×2 perturbed problem, |z|, |z'| ∈ [0.5, 2], ε = 0 or in [0.01, 0.5], "
+    "sign det W(0) = sign(zz'), depth 3–4",
+    lambda key, bucket: _rc_case(key, bucket, perturbed=True),
     _rc_residual,
     1e-9,
+    RC_BUCKETS,
 ))
 
 
 # --- hierarchical tensor factorization, §4 --------------------------------------------
 
 
-def _htf_case(key, observers, balanced):
+HTF_OBSERVERS = {
+    "gaps": lambda t, m, o: ahtf.squared_norm_gaps(m),
+    "scale": lambda t, m, o: ahtf.vector_scale(m),
+    "identity": lambda t, m, o: ahtf.identity_residual(m, o),
+    "law": lambda t, m, o: ahtf.corollary_residual(m, o),
+    "rank_excess": lambda t, m, o: ahtf.rank_bound_excess(m),
+}
+"""What every HTF solve observes."""
+
+_TREES = {"binary": ModeTree.binary, "adjacent": ModeTree.adjacent,
+          "interleaved": ModeTree.interleaved}
+
+
+def _htf_case(key, bucket=HTF_BUCKETS[0], balanced=False):
     rng = _rng(key)
-    order = int(rng.integers(3, 6))
-    tree = [ModeTree.binary, ModeTree.adjacent, ModeTree.interleaved][int(rng.integers(3))](order)
-    dims = tuple(int(x) for x in rng.integers(2, 4, order))
-    widths = int(rng.integers(2, 4))
-    m = min(int(rng.integers(10, 40)), int(np.prod(dims)))
-    k_truth, k_obs, k_init = jr.split(key, 3)
-    objective = Completion.from_tensor(random_cp_tensor(k_truth, dims, 2),
-                                       sample_indices(k_obs, dims, m))
+    dims = tuple(bucket["dims"])
+    tree = _TREES[bucket["tree"]](len(dims))
+    widths, size = bucket["widths"], math.prod(dims)
+    m = int(rng.integers(10, min(40, size) + 1))
+    k_truth, k_init = jr.split(key)
+    objective = Completion.from_tensor(random_cp_tensor(k_truth, dims, 2), _all_indices(dims),
+                                       weights=_mask(rng, size, m))
     scale = float(rng.uniform(0.3, 0.7))
     make = HTF.balanced if balanced else HTF.gaussian
     model = make(k_init, dims, tree, widths, scale)
-    return _accurate_case(model, objective, 30.0 * m, observers,
+    return _accurate_case(model, objective, 30.0 * m, HTF_OBSERVERS,
                           f"tree {tree.structure}, dims {dims}, widths {widths}, |Ω|={m}, "
-                          f"scale {scale:.2g}")
+                          f"scale {scale:.2g}, {'balanced' if balanced else 'Gaussian'}")
 
+
+_HTF_RANGES = "10–40 observed entries, truth of CP rank 2, scale 0.3–0.7"
 
 register(Check(
     "htf-conservation",
     "‖a_k^(ν,r)‖² − ‖W^(ν)_r,:‖² is constant in time (§4.4)",
-    "Gaussian init, random trees (binary, adjacent, interleaved), N = 3–5",
-    lambda key: _htf_case(key, {"gaps": lambda t, m, o: ahtf.squared_norm_gaps(m),
-                                "scale": lambda t, m, o: ahtf.vector_scale(m)}, False),
+    f"Gaussian init, trees binary (N=4), adjacent (N=3), interleaved (N=5); {_HTF_RANGES}",
+    lambda key, bucket: _htf_case(key, bucket, False),
     lambda tr, case: ahtf.conservation_verdict(tr["gaps"], tr["scale"]).value,
     1e-10,
+    HTF_BUCKETS,
 ))
 register(Check(
     "htf-identity",
     "dP_(ν,r)/dt = γ_(ν,r) Σ_k Π_{k'≠k} ‖a_k'^(ν,r)‖² (local-component identity, §4.5)",
-    "Gaussian init, random trees",
-    lambda key: _htf_case(key, {"r": lambda t, m, o: ahtf.identity_residual(m, o)}, False),
-    _max_observed("r"),
+    f"Gaussian init, the three trees; {_HTF_RANGES}",
+    lambda key, bucket: _htf_case(key, bucket, False),
+    _max_observed("identity"),
     1e-8,
+    HTF_BUCKETS,
 ))
 register(Check(
     "htf-law",
     "dP_(ν,r)/dt = K_ν γ_(ν,r) P_(ν,r)^(2−2/K_ν) (§4.5)",
-    "balanced (sign-matrix) init, random trees",
-    lambda key: _htf_case(key, {"r": lambda t, m, o: ahtf.corollary_residual(m, o)}, True),
-    _max_observed("r"),
+    f"balanced (sign-matrix) init, the three trees; {_HTF_RANGES}",
+    lambda key, bucket: _htf_case(key, bucket, True),
+    _max_observed("law"),
     1e-8,
+    HTF_BUCKETS,
 ))
 register(Check(
     "htf-rank-bound",
     "rank of every node's matricization ≤ number of nonzero local components (H4, §4.3)",
-    "Gaussian init, random trees; max over saves of (rank − bound)",
-    lambda key: _htf_case(key, {"r": lambda t, m, o: ahtf.rank_bound_excess(m)}, False),
-    _max_observed("r"),
+    f"Gaussian init, the three trees; max over saves of (rank − bound); {_HTF_RANGES}",
+    lambda key, bucket: _htf_case(key, bucket, False),
+    _max_observed("rank_excess"),
     0.0,
+    HTF_BUCKETS,
 ))
 
 
 # --- closed forms, §5 -----------------------------------------------------------------
+
+
+_NODES, _WEIGHTS = np.polynomial.legendre.leggauss(200)
+
+
+def _flow_times(w0, w, y, order) -> np.ndarray:
+    """[`gradflow.analysis.closed_forms.product_flow_time`][] at every entry of `w` at
+    once: the same 200-point Gauss-Legendre rule on u = exp(s), with its nodes computed
+    once (they cost 90 ms per call, which dominated the closed-form checks)."""
+    w = np.asarray(w, dtype=float).reshape(-1, 1)
+    a, b = np.log(w0), np.log(w)
+    u = np.exp(0.5 * (b - a) * _NODES + 0.5 * (b + a))
+    integrand = u / (order * u ** (2 - 2 / order) * (y - u))
+    return 0.5 * (b[:, 0] - a) * (integrand @ _WEIGHTS)
 
 
 def _time_gap(predicted, actual) -> float:
@@ -324,51 +474,59 @@ def _time_gap(predicted, actual) -> float:
     return float(np.max(np.abs(predicted - actual) / actual)) if actual.size else float("nan")
 
 
-def _product_case(key):
+def _product_case(key, bucket=CP_BUCKETS[0]):
+    """The balanced scalar product as component 0 of a CP bucket: w0^(1/N) e_0 in every
+    mode, only the entry (0, …, 0) observed (= y): the flow stays on that entry."""
     rng = _rng(key)
-    order = int(rng.integers(2, 6))
+    order, d, rank = bucket["order"], bucket["dims"], bucket["rank"]
+    dims, size = (d,) * order, d**order
     w0, y = float(10 ** rng.uniform(-3, -1)), float(rng.uniform(0.5, 2.0))
-    model = CP(tuple(jnp.full((1, 1), w0 ** (1 / order)) for _ in range(order)))
-    objective = Completion((1,) * order, jnp.zeros((1, order), int), jnp.array([y]))
+    first = jnp.zeros((d, 1)).at[0, 0].set(w0 ** (1 / order))
+    model = _pad_components((first,) * order, rank)
+    objective = Completion(dims, _all_indices(dims), jnp.zeros(size).at[0].set(y),
+                           weights=jnp.zeros(size).at[0].set(1.0))
     t1 = 1.5 * oracle.product_flow_time(w0, 0.5 * y, y, order)
-    return Case(model, objective, dict(t1=t1, save_times=_linear(t1, 60), **ACCURATE),
-                f"N={order}, w0={w0:.2g}, y={y:.2g}", dict(w0=w0, y=y, order=order))
+    return _accurate_case(model, objective, t1, CP_OBSERVERS,
+                          f"N={order} (in {d}^{order}, R={rank}), w0={w0:.2g}, y={y:.2g}",
+                          CP_SAVES, dict(w0=w0, y=y, order=order))
 
 
 def _product_residual(tr, case):
     w0, y, n = case.extra["w0"], case.extra["y"], case.extra["order"]
     w = np.asarray(tr["component_norms"])[:, 0]
     sel = (w > 1.01 * w0) & (w < 0.9 * y)
-    return _time_gap([oracle.product_flow_time(w0, v, y, n) for v in w[sel]], tr.ts[sel])
+    return _time_gap(_flow_times(w0, w[sel], y, n), tr.ts[sel])
 
 
 register(Check(
     "closed-form-product",
     "balanced scalar product w = Π w_j reaches w at t(w) = ∫ du / (N u^(2−2/N) (y−u)) (§5.1)",
-    "N = 2–5 factors, 0 < w0 < y",
+    "N = 3–5 factors, 0 < w0 < y, w0 log-uniform in [1e-3, 0.1], y ∈ [0.5, 2]",
     _product_case,
     _product_residual,
     1e-7,
+    CP_BUCKETS,
 ))
 
 
-def _aligned_case(key):
+def _aligned_case(key, bucket=DMF_BUCKETS[0]):
     rng = _rng(key)
-    depth = int(rng.integers(2, 4))
-    dims = tuple(int(x) for x in rng.integers(3, 6, depth + 1))
+    dims = tuple(bucket["dims"])
+    depth = len(dims) - 1
     k = min(dims[0], dims[-1], 3)
     y = np.sort(rng.uniform(0.5, 2.0, k))[::-1]
     sigma0 = np.sort(rng.uniform(0.01, 0.05, k))[::-1]  # no crossings: compare by index
     k_u, k_v, k_init = jr.split(key, 3)
     u, v = _orthonormal(k_u, dims[-1], k), _orthonormal(k_v, dims[0], k)
+    # the objective averages; the closed forms sum (docs: theory/closed-forms):
+    m = dims[0] * dims[-1]  # flow time = m × theory time
     objective = Completion.from_tensor((u * jnp.asarray(y)) @ v.T,
-                                       _all_indices((dims[-1], dims[0])))
+                                       _all_indices((dims[-1], dims[0])), weights=jnp.ones(m))
     model = DeepMatrix.balanced(k_init, (u * jnp.asarray(sigma0)) @ v.T, dims)
-    m = dims[0] * dims[-1]  # the objective averages; THEORY sums: flow time = m × theory time
     t1 = m * max(oracle.product_flow_time(s, 0.9 * yr, yr, depth) for s, yr in zip(sigma0, y))
-    return Case(model, objective, dict(t1=t1, save_times=_linear(t1, 80), **ACCURATE),
-                f"dims {dims}, y={np.round(y, 2).tolist()}",
-                dict(y=y, sigma0=sigma0, depth=depth, m=m))
+    return _accurate_case(model, objective, t1, DMF_OBSERVERS,
+                          f"dims {dims}, y={np.round(y, 2).tolist()}", DMF_SAVES,
+                          dict(y=y, sigma0=sigma0, depth=depth, m=m))
 
 
 def _aligned_residual(tr, case):
@@ -377,8 +535,7 @@ def _aligned_residual(tr, case):
     gaps = []
     for r, (s0, yr) in enumerate(zip(e["sigma0"], e["y"])):
         sel = (sigma[:, r] > 1.01 * s0) & (sigma[:, r] < 0.9 * yr)
-        predicted = [e["m"] * oracle.product_flow_time(s0, v, yr, e["depth"])
-                     for v in sigma[sel, r]]
+        predicted = e["m"] * _flow_times(s0, sigma[sel, r], yr, e["depth"])
         gaps.append(_time_gap(predicted, tr.ts[sel]))
     return max(gaps)
 
@@ -386,27 +543,30 @@ def _aligned_residual(tr, case):
 register(Check(
     "closed-form-aligned-dmf",
     "spectrally aligned DMF: each σ_r follows §5.1 with y_r (§5.2)",
-    "full observation of UYVᵀ, balanced init U σ(0) Vᵀ, depth 2–3",
+    "full observation of UYVᵀ (y_r ∈ [0.5, 2]), balanced init U σ(0) Vᵀ "
+    "(σ_r(0) ∈ [0.01, 0.05]), depth 2–4",
     _aligned_case,
     _aligned_residual,
     1e-7,
+    DMF_BUCKETS,
 ))
 
 
-def _odeco_case(key):
+def _odeco_case(key, bucket=CP_BUCKETS[0]):
     rng = _rng(key)
-    order, d = 3, int(rng.integers(2, 4))
+    order, d, rank = bucket["order"], bucket["dims"], bucket["rank"]
+    dims = (d,) * order
     c = np.sort(rng.uniform(0.5, 2.0, d))[::-1]
     a = float(rng.uniform(0.01, 0.05))
     us = [_orthonormal(k, d, d) for k in jr.split(key, order)]
     truth = CP(tuple(u * jnp.asarray(c) ** (1 / order) for u in us)).full()
-    objective = Completion.from_tensor(truth, _all_indices((d,) * order))
     scale = d**order
+    objective = Completion.from_tensor(truth, _all_indices(dims), weights=jnp.ones(scale))
     t1 = scale * oracle.product_flow_time(a**order, 0.8 * c[-1], c[-1], order)
-    return Case(CP(tuple(a * u for u in us)), objective,
-                dict(t1=t1, save_times=_linear(t1, 120), **ACCURATE),
-                f"N=3, d={d}, c={np.round(c, 2).tolist()}, a={a:.2g}",
-                dict(c=c, p0=a**order, scale=scale))
+    return _accurate_case(_pad_components(tuple(a * u for u in us), rank), objective, t1,
+                          CP_OBSERVERS,
+                          f"N={order}, d={d}, R={rank}, c={np.round(c, 2).tolist()}, a={a:.2g}",
+                          CP_SAVES, dict(c=c, p0=a**order, scale=scale, order=order))
 
 
 def _odeco_residual(tr, case):
@@ -415,7 +575,7 @@ def _odeco_residual(tr, case):
     gaps = []
     for r, cr in enumerate(e["c"]):
         sel = (p[:, r] > 1.01 * e["p0"]) & (p[:, r] < 0.8 * cr)
-        predicted = [e["scale"] * oracle.product_flow_time(e["p0"], v, cr, 3) for v in p[sel, r]]
+        predicted = e["scale"] * _flow_times(e["p0"], p[sel, r], cr, e["order"])
         gaps.append(_time_gap(predicted, tr.ts[sel]))
     return max(gaps)
 
@@ -423,33 +583,41 @@ def _odeco_residual(tr, case):
 register(Check(
     "closed-form-odeco-cp",
     "orthogonally decomposable CP: dP_r/dt = N(c_r − P_r)P_r^(2−2/N) (§5.3)",
-    "full observation, init a·u_r^n along the truth's orthonormal factors",
+    "full observation, c_r ∈ [0.5, 2], init a·u_r^n (a ∈ [0.01, 0.05]) along the "
+    "truth's orthonormal factors, N = 3–5",
     _odeco_case,
     _odeco_residual,
     1e-7,
+    CP_BUCKETS,
 ))
 
 
-def _escape_case(key):
+def _escape_case(key, bucket=HUBER_BUCKETS[0]):
+    """One component a e_0 ⊗ … ⊗ e_0 (the others 0), only the entry (0, …, 0) observed,
+    Huber loss: γ = δ while the component is inside the sphere ρ."""
     rng = _rng(key)
-    order, d = int(rng.integers(3, 6)), int(rng.integers(2, 4))
+    order, d, rank = bucket["order"], bucket["dims"], bucket["rank"]
+    dims, size = (d,) * order, d**order
     y, a = float(rng.uniform(1.0, 3.0)), float(rng.uniform(0.02, 0.1))
     delta = float(rng.uniform(0.1, 0.5) * y)
     rho = 0.5 * (y - delta)
-    objective = Completion((d,) * order, jnp.zeros((1, order), int), jnp.array([y]),
-                           HuberLoss(delta))
-    model = CP((jnp.zeros((d, 1)).at[0, 0].set(a),) * order)
+    objective = Completion(dims, _all_indices(dims), jnp.zeros(size).at[0].set(y),
+                           HuberLoss(jnp.asarray(delta)), weights=jnp.zeros(size).at[0].set(1.0))
+    model = _pad_components((jnp.zeros((d, 1)).at[0, 0].set(a),) * order, rank)
     expected = oracle.constant_gamma_hitting_time(a**order, rho, delta, order)
-    return Case(model, objective, dict(t1=10 * expected, radius=rho, **ACCURATE),
-                f"N={order}, a={a:.2g}, δ={delta:.2g}", dict(expected=expected))
+    return Case(model, objective, _huber_flow(10 * expected, rho),
+                f"N={order} (in {d}^{order}, R={rank}), a={a:.2g}, δ={delta:.2g}",
+                dict(expected=expected))
 
 
 register(Check(
     "closed-form-escape",
     "constant γ: the sphere ρ is hit at (P0^(−(N−2)/N) − ρ^(−(N−2)/N)) / ((N−2)γ) (§5.4)",
-    "Huber, one observed entry, one component aligned with it (γ = δ)",
+    "Huber, one observed entry y ∈ [1, 3], one component a e_0^⊗N (a ∈ [0.02, 0.1]) "
+    "aligned with it (γ = δ, δ/y ∈ [0.1, 0.5]), N = 3–4",
     _escape_case,
     lambda tr, case: abs(tr.t_final - case.extra["expected"]) / case.extra["expected"]
     if tr.status == "radius" else float("nan"),
     1e-8,
+    HUBER_BUCKETS,
 ))

@@ -1,16 +1,58 @@
-"""Theorem checks: a registry of small objects, and the runner behind `gradflow verify`."""
+"""Theorem checks: a registry of small objects, and the runner behind `gradflow verify`.
 
+**How a run is solved.** [`gradflow.verify.run_checks`][] first draws every instance of
+every check it runs, then groups the solves by shape: two solves fall in one group
+when their model, objective and solve settings have the same pytree structure and
+array shapes (values may differ), they observe the same functions and save at the same
+number of times. Each group is stacked along a leading axis and integrated by one
+compiled, `jax.vmap`-ed solve (`gradflow._solve.build`/`run`, the solve behind
+[`gradflow.flow`][]) that saves the model at the save times; the observers are then
+evaluated on the saved models by a second compiled program. A run thus compiles two
+programs per shape, not one per instance, and groups span checks (the CP checks share
+their solves). The built-in checks draw their instances from a few fixed shape
+*buckets* (instance `k` uses bucket `k % len(check.buckets)`) so that every group
+holds many instances. A check whose instances have random shapes, or whose observers
+close over per-instance values, still works: its solves just form groups of one. A
+group whose batched solve raises is solved again one instance at a time with
+[`gradflow.flow`][], so an error names its instance.
+
+**Reproducibility.** Instance `k` of a check is drawn from the key
+`fold_in(key(seed), crc32(name) + k)`, whatever else runs; `case=K` (`gradflow verify
+--only NAME --case K`) draws and solves it alone. Its residual then agrees with the
+batched run's to rounding: the solve is the same, but a batch of another size is
+another compiled program.
+"""
+
+import concurrent.futures
 import dataclasses
+import os
 import time
 import zlib
 from collections.abc import Callable
 from typing import Any
 
+import equinox as eqx
+import jax
+import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 
-from .._flow import flow
+from .. import _solve
+from .. import observers as _observers
+from .._flow import FlowError, default_save_times, flow, gradient_evaluations
+from .._status import Status
 from ..trajectory import Trajectory
+
+CHUNK = 32
+"""The most solves integrated together; a larger group is solved in chunks of this size
+(the last one padded by repeating members, so that every chunk has one compiled shape)."""
+
+WORKERS = min(2, os.cpu_count() or 1)
+"""How many groups of solves are compiled and integrated at once (threads)."""
+
+_FLOW_KEYS = frozenset({"t1", "loss_tol", "loss_drop", "radius", "save_times", "observers",
+                        "solver", "rtol", "atol", "max_steps", "throw"})
+_BUILD_KEYS = ("t1", "loss_tol", "loss_drop", "radius", "rtol", "atol", "solver", "max_steps")
 
 
 @dataclasses.dataclass
@@ -19,7 +61,11 @@ class Case:
 
     **Fields:** `model`, `objective`, `flow` (keyword arguments of
     [`gradflow.flow`][]: `t1`, `observers`, `save_times`, stops, tolerances, solver),
-    `description` (shapes and scales, shown for the worst case), `extra` (free).
+    `description` (shapes and scales, shown for the worst and the failing case),
+    `extra` (free), `companions` (further [`gradflow.verify.Case`][]s to integrate
+    with this one, e.g. a model with some components deleted; they are batched with
+    the other solves of their shape, and their trajectories are in
+    `companion_trajectories`, in order, when the residual runs).
     """
 
     model: Any
@@ -27,6 +73,8 @@ class Case:
     flow: dict
     description: str = ""
     extra: dict = dataclasses.field(default_factory=dict)
+    companions: tuple = ()
+    companion_trajectories: list = dataclasses.field(default_factory=list, repr=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,20 +84,47 @@ class Check:
     **Fields:**
 
     - `name`: a short unique id (`"cp-lemma1"`).
-    - `statement`: the statement checked, one line, with its THEORY.md section.
-    - `preconditions`: when the statement applies (how the instances are drawn).
-    - `draw`: `key -> Case`, a random instance.
+    - `statement`: the statement checked, one line, with its section of the docs' Theory pages.
+    - `preconditions`: when the statement applies (how the instances are drawn: the
+      ranges of the random values).
+    - `draw`: `key -> Case`, a random instance; or, when `buckets` is given,
+      `(key, bucket) -> Case`, a random instance of the given shape bucket.
     - `residual`: `(trajectory, case) -> float`, the worst residual along the flow;
-      the check passes when it is finite and at most `tolerance`.
+      the check passes when it is finite and at most `tolerance` on every instance.
     - `tolerance`: the bound the residual is held to.
+    - `buckets`: optional, the shapes the instances are drawn from (dicts such as
+      `{"order": 3, "dims": 3, "rank": 4}`); instance `k` is drawn in bucket
+      `buckets[k % len(buckets)]`, so that instances of a bucket are solved together.
     """
 
     name: str
     statement: str
     preconditions: str
-    draw: Callable[[Any], Case]
+    draw: Callable[..., Case]
     residual: Callable[[Trajectory, Case], float]
     tolerance: float
+    buckets: tuple = ()
+
+    def key(self, k: int, seed: int = 0):
+        """The PRNG key of instance `k`: `fold_in(key(seed), crc32(name) + k)`."""
+        return jr.fold_in(jr.key(seed), zlib.crc32(self.name.encode()) + k)
+
+    def bucket(self, k: int):
+        """The shape bucket of instance `k` (None without buckets)."""
+        return self.buckets[k % len(self.buckets)] if self.buckets else None
+
+    def instance(self, k: int, seed: int = 0) -> Case:
+        """Draw instance `k` (the same for the same `k` and `seed`, in any run)."""
+        if self.buckets:
+            return self.draw(self.key(k, seed), self.bucket(k))
+        return self.draw(self.key(k, seed))
+
+
+def describe_bucket(bucket) -> str:
+    """A bucket in words: `order 3, dims 3, rank 4` for a dict, `str()` otherwise."""
+    if isinstance(bucket, dict):
+        return ", ".join(f"{k} {v}" for k, v in bucket.items())
+    return str(bucket)
 
 
 CHECKS: dict[str, Check] = {}
@@ -68,7 +143,19 @@ def register(check: Check) -> Check:
 
 @dataclasses.dataclass(frozen=True)
 class Result:
-    """The outcome of one check over its cases (`error` holds the first exception text)."""
+    """The outcome of one check over its cases.
+
+    **Fields:** `name`, `statement`, `cases` (instances run), `worst` (the worst
+    residual; NaN when an instance raised), `tolerance`, `worst_case` (that instance,
+    described), `seconds` (drawing, this check's share of the batched solves, and the
+    residuals), `error` (the first exception's text), `worst_index` (the instance
+    number of `worst`), `failed_index` and `failed_case` (the first instance that
+    failed, None and `""` when all passed), `residuals` (per instance, NaN where it
+    raised), `instances` (the instance numbers run), `seed`, `compiles` (solve
+    programs compiled for its solves in this run, a program shared with other checks
+    counted for each; 0 when all were compiled before), `shapes` (the distinct solve
+    shapes, i.e. batched programs, its instances used).
+    """
 
     name: str
     statement: str
@@ -78,44 +165,44 @@ class Result:
     worst_case: str
     seconds: float
     error: str | None = None
+    worst_index: int | None = None
+    failed_index: int | None = None
+    failed_case: str = ""
+    residuals: tuple = ()
+    instances: tuple = ()
+    seed: int = 0
+    compiles: int = 0
+    shapes: int = 0
 
     @property
     def passed(self) -> bool:
         return self.error is None and bool(np.isfinite(self.worst) and self.worst <= self.tolerance)
 
+    def rerun(self, imports=()) -> str | None:
+        """The command that re-runs the failing instance alone (None if it passed);
+        `imports` are the `--import` arguments the check needs."""
+        if self.failed_index is None:
+            return None
+        return " ".join(["gradflow verify", *(f"--import {m}" for m in imports),
+                         f"--only {self.name} --case {self.failed_index}",
+                         *([f"--seed {self.seed}"] if self.seed else [])])
 
-def run_check(check: Check, cases: int = 3, seed: int = 0) -> Result:
-    """Draw `cases` instances of `check`, integrate each, and keep the worst residual.
+
+def run_check(check: Check, cases: int = 3, seed: int = 0, case=None) -> Result:
+    """Draw `cases` instances of `check`, integrate them, and keep the worst residual.
 
     Instance `k` uses the key `fold_in(key(seed), crc32(name) + k)`, so a run is
-    reproducible and adding checks does not change the instances of others. A solve
-    that fails, or a residual that raises, fails the check with the error's text.
+    reproducible and adding checks does not change the instances of others; `case=K`
+    runs instance `K` alone (the same instance as in a run of `K + 1` cases or more),
+    and a sequence of instance numbers runs those (`cases` is then ignored).
+    A solve that fails, or a residual that raises, fails the instance with the error's
+    text.
     """
-    if not isinstance(cases, int) or cases < 1:
-        raise ValueError(f"`cases` must be a positive int, got {cases!r}.")
-    start = time.perf_counter()
-    worst, worst_case = -np.inf, ""
-    for k in range(cases):
-        key = jr.fold_in(jr.key(seed), zlib.crc32(check.name.encode()) + k)
-        description = f"case {k}"
-        try:
-            case = check.draw(key)
-            description = f"case {k}: {case.description}"
-            trajectory = flow(case.model, case.objective, **case.flow)
-            value = float(check.residual(trajectory, case))
-        except Exception as error:  # a check that cannot run is a failed check
-            return Result(check.name, check.statement, k + 1, float("nan"), check.tolerance,
-                          description, time.perf_counter() - start,
-                          f"{type(error).__name__}: {error}")
-        if not np.isfinite(value) or value > worst:
-            worst, worst_case = value, description
-        if not np.isfinite(value):
-            break
-    return Result(check.name, check.statement, cases, float(worst), check.tolerance,
-                  worst_case, time.perf_counter() - start)
+    return _run([check], cases, seed, case, None)[0]
 
 
-def run_checks(names=None, cases: int = 3, seed: int = 0, on_result=None) -> list[Result]:
+def run_checks(names=None, cases: int = 3, seed: int = 0, on_result=None,
+               case=None) -> list[Result]:
     """Run the named checks (all registered ones by default) in registration order.
 
     **Arguments:**
@@ -124,6 +211,8 @@ def run_checks(names=None, cases: int = 3, seed: int = 0, on_result=None) -> lis
     - `cases`: random instances per check.
     - `seed`: the seed of every instance.
     - `on_result`: called with each [`gradflow.verify.Result`][] as it finishes.
+    - `case`: run only instance `case` of each check (`gradflow verify --case K`), or
+      the instances of a sequence of numbers; `cases` is then ignored.
 
     **Returns:** the list of results.
     """
@@ -132,20 +221,379 @@ def run_checks(names=None, cases: int = 3, seed: int = 0, on_result=None) -> lis
     unknown = [n for n in names if n not in CHECKS]
     if unknown:
         raise ValueError(f"`names`: unknown checks {unknown}; known: {sorted(CHECKS)}.")
+    return _run([CHECKS[n] for n in names], cases, seed, case, on_result)
+
+
+# --- the runner -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(eq=False)
+class _Solve:
+    """One solve of an instance (its case or a companion), and what became of it."""
+
+    case: Case
+    owner: "_Instance"
+    signature: Any = None  # None: solve alone with `flow`
+    problem: Any = None
+    save_ts: Any = None
+    observers: Any = None
+    trajectory: Trajectory | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+
+@dataclasses.dataclass(eq=False)
+class _Instance:
+    check: Check
+    k: int
+    description: str
+    case: Case | None = None
+    solves: list = dataclasses.field(default_factory=list)
+    error: str | None = None
+    value: float = float("nan")
+    seconds: float = 0.0
+    groups: set = dataclasses.field(default_factory=set)
+
+
+def _error_text(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def _run(checks, cases, seed, case, on_result) -> list[Result]:
+    if not isinstance(cases, int) or isinstance(cases, bool) or cases < 1:
+        raise ValueError(f"`cases` must be a positive int, got {cases!r}.")
+    ks = list(range(cases)) if case is None else _case_list(case)
+    instances = {check.name: [_draw(check, k, seed) for k in ks] for check in checks}
+    groups: dict[Any, list[_Solve]] = {}
+    for solve in (s for per in instances.values() for i in per for s in i.solves):
+        if solve.signature is not None:
+            groups.setdefault(solve.signature, []).append(solve)
+    compiled: dict[Any, bool] = {}
     results = []
-    for name in names:
-        result = run_check(CHECKS[name], cases, seed)
-        results.append(result)
-        if on_result is not None:
-            on_result(result)
+    # Groups are solved in the order the checks first need them, WORKERS at a time:
+    # XLA compiles without holding the GIL, so one group compiles while the next traces.
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=WORKERS)
+    try:
+        futures = {signature: pool.submit(_solve_group, group)
+                   for signature, group in groups.items()}
+        for check in checks:
+            for instance in instances[check.name]:
+                for solve in instance.solves:
+                    if solve.signature is None:
+                        if solve.trajectory is None and solve.error is None:
+                            _solve_alone(solve)
+                    else:
+                        compiled[solve.signature] = futures[solve.signature].result()
+                        instance.groups.add(solve.signature)
+                _residual(instance)
+            result = _result(check, instances[check.name], seed, compiled)
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+    finally:  # an interrupted run does not wait for the groups not yet started
+        pool.shutdown(wait=False, cancel_futures=True)
     return results
+
+
+def _case_list(case) -> list[int]:
+    ks = [case] if isinstance(case, int) and not isinstance(case, bool) else case
+    try:
+        ks = list(ks)
+    except TypeError:
+        ks = None
+    if not ks or any(not isinstance(k, int) or isinstance(k, bool) or k < 0 for k in ks):
+        raise ValueError("`case` must be a non-negative int, a non-empty sequence of them, "
+                         f"or None, got {case!r}.")
+    return list(dict.fromkeys(ks))
+
+
+def _draw(check: Check, k: int, seed: int) -> _Instance:
+    instance = _Instance(check, k, f"case {k}")
+    start = time.perf_counter()
+    try:
+        case = check.instance(k, seed)
+        instance.case = case
+        instance.description = f"case {k}: {case.description}"
+        for c in (case, *case.companions):
+            instance.solves.append(_prepare(c, instance))
+    except Exception as error:  # a check that cannot be drawn is a failed instance
+        instance.error = _error_text(error)
+    instance.seconds += time.perf_counter() - start
+    return instance
+
+
+def _prepare(case: Case, owner: _Instance) -> _Solve:
+    """Validate a solve as `flow` does, and find its group; unknown or non-batchable
+    settings (a progress bar) are left to `flow` itself."""
+    solve = _Solve(case, owner)
+    kwargs = dict(case.flow)
+    if set(kwargs) - _FLOW_KEYS or not isinstance(case.flow, dict):
+        return solve
+    problem = _solve.build(case.model, case.objective,
+                           **{k: kwargs[k] for k in _BUILD_KEYS if k in kwargs})
+    t1 = kwargs["t1"]
+    save_times = kwargs.get("save_times")
+    save_times = _solve.check_save_times(
+        default_save_times(float(t1)) if save_times is None else save_times, t1)
+    observers = {name: _canonical(fn) for name, fn in
+                 _observers.resolve(kwargs.get("observers")).items()}
+    try:
+        solve.signature = _signature(problem, observers, save_times.shape)
+    except TypeError:  # something unhashable in the structure: solve it alone
+        return solve
+    solve.problem = problem
+    solve.save_ts = np.asarray(save_times, problem.time_dtype)
+    solve.observers = observers
+    return solve
+
+
+_CANONICAL: dict = {}
+
+
+def _function_key(fn):
+    """Functions that compute the same thing get one key: the same object, or the same
+    code (with the same globals) and no closure or defaults, as a lambda written in a
+    draw function and created anew for every instance."""
+    code = getattr(fn, "__code__", None)
+    if code is not None and not getattr(fn, "__closure__", None) \
+            and not getattr(fn, "__defaults__", None) and not getattr(fn, "__kwdefaults__", None):
+        return ("code", code, id(getattr(fn, "__globals__", None)))
+    try:
+        hash(fn)
+        return ("object", fn)
+    except TypeError:
+        return ("id", id(fn))
+
+
+def _canonical(fn):
+    """One function object per key, so that compiled solves are found again (only
+    functions keyed by their code are kept: any other is its own key)."""
+    key = _function_key(fn)
+    return _CANONICAL.setdefault(key, fn) if key[0] == "code" else fn
+
+
+def _signature(problem, observers, save_shape):
+    leaves, treedef = jax.tree.flatten(problem)
+    shapes = tuple(("array", np.shape(x), str(x.dtype)) if eqx.is_array(x)
+                   else ("value", type(x), x) for x in leaves)
+    signature = (treedef, shapes, tuple((n, _function_key(f)) for n, f in observers.items()),
+                 save_shape)
+    hash(signature)
+    return signature
+
+
+_TRACES = [0]
+_ALONE = [0]
+
+
+def compiled_programs() -> dict:
+    """What this process has compiled for verify so far: `batched`, the batched solve
+    programs traced (one per shape and batch size; with JAX's persistent compilation
+    cache a traced program may be loaded instead of compiled), and `alone`, the solves
+    run one at a time with [`gradflow.flow`][] (a check whose solves cannot be
+    batched, or the members of a batch that failed)."""
+    return {"batched": _TRACES[0], "alone": _ALONE[0]}
+
+
+def _state(t, model, objective):
+    return model
+
+
+_STATE = {"state": _state}
+
+
+COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+"""XLA options of verify's batched programs. Compilation dominates a run (a solve of a
+few hundred steps on a few dozen weights runs in a tenth of a second), and XLA's
+lowest backend optimization level compiles them about 40% faster for a run time that
+stays far below the compile time."""
+
+_PROGRAMS: dict = {}
+
+
+def _programs(signature, static, observers):
+    """The two jitted programs of a solve shape: the vmapped solve, which saves the
+    state (the model) at the save times and at the end, and the vmapped observers,
+    evaluated afterwards on every saved state (kept out of the solve loop, they are
+    compiled once instead of once per save site, and the solve program stays small).
+    Each is compiled once per batch size."""
+    if signature in _PROGRAMS:
+        return _PROGRAMS[signature]
+
+    def solve(dynamic, save_ts):
+        _TRACES[0] += 1
+
+        def one(dyn, ts):
+            out = _solve.run(eqx.combine(dyn, static), ts, _STATE)
+            (saved, final), saved_ts = out.observed, out.observed_ts[0]
+            states = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), saved["state"],
+                                  final["state"])
+            return dict(states=states, saved_ts=saved_ts, t=out.t, model=out.model,
+                        status=out.status, stats=out.stats)
+
+        return jax.vmap(one)(dynamic, save_ts)
+
+    def observe(states, ts, dynamic):
+        _TRACES[0] += 1
+
+        def one(models, times, dyn):
+            objective = eqx.combine(dyn, static).objective
+            return jax.vmap(lambda m, t: {n: fn(t, m, objective)
+                                          for n, fn in observers.items()})(models, times)
+
+        return jax.vmap(one)(states, ts, dynamic)
+
+    programs = (jax.jit(solve, compiler_options=COMPILER_OPTIONS),
+                jax.jit(observe, compiler_options=COMPILER_OPTIONS))
+    _PROGRAMS[signature] = programs
+    return programs
+
+
+def _solve_group(group: list[_Solve]) -> bool:
+    """Integrate every pending solve of a group, in chunks; whether it compiled."""
+    todo = [s for s in group if s.trajectory is None and s.error is None]
+    size = min(len(todo), CHUNK)
+    traces = _TRACES[0]
+    for i in range(0, len(todo), size):
+        chunk = todo[i:i + size]
+        members = chunk + [chunk[j % len(chunk)] for j in range(size - len(chunk))]
+        start = time.perf_counter()
+        try:
+            parts = [eqx.partition(s.problem, eqx.is_array) for s in members]
+            dynamic = jax.tree.map(lambda *xs: jnp.stack(xs), *[p[0] for p in parts])
+            solve, observe = _programs(chunk[0].signature, parts[0][1], chunk[0].observers)
+            out = solve(dynamic, jnp.asarray(np.stack([s.save_ts for s in members])))
+            times = jnp.concatenate([out["saved_ts"], out["t"][:, None]], axis=1)
+            observed = observe(out.pop("states"), times, dynamic)
+            out = jax.device_get(out)
+            observed = jax.device_get(observed)
+        except Exception:  # a member that cannot run: solve each alone, to name it
+            for s in chunk:
+                _solve_alone(s)
+            continue
+        out["saved"] = jax.tree.map(lambda x: x[:, :-1], observed)
+        out["final"] = jax.tree.map(lambda x: x[:, -1:], observed)
+        share = (time.perf_counter() - start) / len(chunk)
+        for j, s in enumerate(chunk):
+            s.seconds += share
+            s.owner.seconds += share
+            try:
+                s.trajectory = _trajectory(out, j, s, len(chunk), share)
+            except Exception as error:  # FlowError: a member that did not finish
+                s.error = _error_text(error)
+    return _TRACES[0] > traces
+
+
+def _solve_alone(solve: _Solve) -> None:
+    _ALONE[0] += 1
+    start = time.perf_counter()
+    try:
+        solve.trajectory = flow(solve.case.model, solve.case.objective, **solve.case.flow)
+    except Exception as error:
+        solve.error = _error_text(error)
+    solve.seconds += time.perf_counter() - start
+    solve.owner.seconds += time.perf_counter() - start
+
+
+def _trajectory(out, j, solve: _Solve, batch: int, wall: float) -> Trajectory:
+    """Member `j` of a batched solve as the [`gradflow.Trajectory`][] `flow` returns."""
+    row = lambda tree: jax.tree.map(lambda x: np.asarray(x[j]), tree)
+    problem, kwargs = solve.problem, solve.case.flow
+    saved, final, saved_ts = row(out["saved"]), row(out["final"]), row(out["saved_ts"])
+    t_final = float(out["t"][j])
+    keep = saved_ts <= t_final
+    saved_ts = saved_ts[keep]
+    observations = jax.tree.map(lambda x: x[keep], saved)
+    final = jax.tree.map(lambda x: x[0], final)
+    if saved_ts.size == 0 or t_final > saved_ts[-1]:
+        saved_ts = np.append(saved_ts, t_final)
+        observations = jax.tree.map(lambda v, f: np.concatenate([v, f[None]]), observations, final)
+    stats = row(out["stats"])
+    trajectory = Trajectory(
+        ts=saved_ts,
+        observations=observations,
+        t_final=t_final,
+        final=final,
+        model=jax.tree.map(lambda x: jnp.asarray(x[j]), out["model"]),
+        status=Status(int(out["status"][j])).label,
+        stats={
+            "steps": int(stats["num_steps"]),
+            "accepted_steps": int(stats["num_accepted_steps"]),
+            "rejected_steps": int(stats["num_rejected_steps"]),
+            "gradient_evaluations": gradient_evaluations(problem.solver, stats),
+            "wall_time": wall,
+            "batch": batch,
+            **{k: int(v) for k, v in stats.items() if not k.startswith("num_")},
+        },
+        config={
+            "solver": type(problem.solver).__name__,
+            "t1": float(kwargs["t1"]),
+            "loss_tol": kwargs.get("loss_tol"),
+            "loss_drop": kwargs.get("loss_drop"),
+            "radius": kwargs.get("radius"),
+            "rtol": float(problem.rtol),
+            "atol": float(problem.atol),
+            "max_steps": problem.max_steps,
+            "dtype": str(problem.dtype),
+        },
+    )
+    if kwargs.get("throw", True) and not trajectory.ok:
+        raise FlowError(trajectory)
+    return trajectory
+
+
+def _residual(instance: _Instance) -> None:
+    if instance.error is not None:
+        return
+    failed = next((s for s in instance.solves if s.error is not None), None)
+    if failed is not None:
+        instance.error = failed.error
+        return
+    start = time.perf_counter()
+    case = instance.case
+    case.companion_trajectories = [s.trajectory for s in instance.solves[1:]]
+    try:
+        instance.value = float(instance.check.residual(instance.solves[0].trajectory, case))
+    except Exception as error:  # a residual that raises is a failed instance
+        instance.error = _error_text(error)
+    instance.seconds += time.perf_counter() - start
+
+
+def _result(check: Check, instances: list[_Instance], seed: int, compiled: dict) -> Result:
+    values = [np.nan if i.error is not None else i.value for i in instances]
+    bad = lambda i, v: i.error is not None or not np.isfinite(v) or v > check.tolerance
+    failed = next((i for i, v in zip(instances, values) if bad(i, v)), None)
+    errored = next((i for i in instances if i.error is not None), None)
+    non_finite = next((i for i, v in zip(instances, values) if not np.isfinite(v)), None)
+    if non_finite is not None:
+        worst_instance = errored or non_finite
+    else:
+        worst_instance = max(zip(instances, values), key=lambda iv: iv[1])[0]
+    worst = values[instances.index(worst_instance)]
+    groups = set().union(*(i.groups for i in instances))
+    return Result(
+        name=check.name, statement=check.statement, cases=len(instances), worst=float(worst),
+        tolerance=check.tolerance, worst_case=worst_instance.description,
+        seconds=sum(i.seconds for i in instances),
+        error=None if errored is None else errored.error,
+        worst_index=worst_instance.k,
+        failed_index=None if failed is None else failed.k,
+        failed_case="" if failed is None else failed.description,
+        residuals=tuple(float(v) for v in values),
+        instances=tuple(i.k for i in instances), seed=seed,
+        compiles=sum(bool(compiled.get(g)) for g in groups),
+        shapes=len(groups),
+    )
 
 
 def format_row(result: Result) -> str:
     """One line of the verdict table."""
     verdict = "PASS" if result.passed else ("ERROR" if result.error else "FAIL")
-    return (f"{result.name:<26} {result.cases:>5} {result.worst:>11.3g} "
+    at = "" if result.worst_index is None else f"#{result.worst_index}"
+    return (f"{result.name:<26} {result.cases:>5} {result.worst:>11.3g} {at:>5} "
             f"{result.tolerance:>9.1g}  {verdict:<5} {result.seconds:>6.1f}s")
 
 
-HEADER = f"{'check':<26} {'cases':>5} {'worst':>11} {'tolerance':>9}  {'':<5} {'time':>7}"
+HEADER = (f"{'check':<26} {'cases':>5} {'worst':>11} {'at':>5} {'tolerance':>9}  {'':<5} "
+          f"{'time':>7}")
+"""The header of the verdict table: `at` is the instance with the worst residual."""

@@ -1,0 +1,92 @@
+"""The accuracy signal of every solve: the drift of the model's conserved quantities
+(`Trajectory.stats["conservation_drift"]`), `AccuracyWarning` on a visibly inexact
+solve, and verdict tolerances that pass at the default settings and fail when loose."""
+
+import warnings
+
+import jax.random as jr
+import numpy as np
+import pytest
+
+import gradflow as gf
+from gradflow.analysis import cp as acp
+from gradflow.analysis import htf as ah
+from gradflow.analysis import matrix as am
+
+
+def _cp():
+    dims = (3, 3, 3)
+    objective = gf.Completion.from_tensor(gf.random_cp_tensor(jr.key(0), dims, 2),
+                                          gf.sample_indices(jr.key(1), dims, 20))
+    return gf.CP.gaussian(jr.key(2), dims, 4, 0.3), objective
+
+
+def _matrix():
+    truth = jr.normal(jr.key(3), (5, 2)) @ jr.normal(jr.key(4), (2, 5))
+    objective = gf.Completion.from_tensor(truth, gf.sample_indices(jr.key(5), (5, 5), 18))
+    return gf.DeepMatrix.gaussian(jr.key(6), (5, 5, 5, 5), 0.4), objective
+
+
+def _htf():
+    tree, dims = gf.ModeTree.binary(4), (3,) * 4
+    truth = gf.random_htf_tensor(jr.key(7), dims, tree, (2, 2), 9.0)
+    objective = gf.Completion.from_tensor(truth, gf.sample_indices(jr.key(8), dims, 60))
+    return gf.HTF.gaussian(jr.key(9), dims, tree, 5, 0.3), objective
+
+
+def _solve(model, objective, **kw):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tr = gf.flow(model, objective, t1=1e9, loss_drop=1e-4, throw=False, **kw)
+    return tr, [w for w in caught if w.category is gf.AccuracyWarning]
+
+
+@pytest.mark.parametrize("make", [_cp, _matrix, _htf], ids=["cp", "deep-matrix", "htf"])
+def test_conservation_drift_is_recorded_and_warns_only_when_visibly_inexact(make):
+    model, objective = make()
+    tr, warned = _solve(model, objective)
+    # exact flow: the drift is the accumulated local error, a few tens of rtol at most
+    assert tr.ok and not warned
+    assert 0 <= tr.stats["conservation_drift"] < 100 * tr.config["rtol"]
+    loose, warned = _solve(model, objective, rtol=1e-1)
+    assert loose.stats["conservation_drift"] > gf.AccuracyWarning.threshold
+    assert len(warned) == 1 and "rtol 0.1" in str(warned[0].message)
+
+
+def test_drift_of_a_stop_met_at_the_start_is_zero():
+    model, objective = _cp()
+    tr = gf.flow(model, objective, t1=1.0, loss_tol=10 * float(objective(model)))
+    assert tr.t_final == 0 and tr.stats["conservation_drift"] == 0
+
+
+def test_conservation_verdicts_pass_at_default_settings_and_fail_when_loose():
+    model, objective = _cp()
+    observers = {"sq": gf.observers.squared_vector_norms}
+    tight = gf.flow(model, objective, t1=1e9, loss_drop=1e-4, observers=observers)
+    assert acp.conservation_verdict(tight["sq"]).passed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gf.AccuracyWarning)
+        loose = gf.flow(model, objective, t1=1e9, loss_drop=1e-4, observers=observers,
+                        rtol=1e-3)
+    assert not acp.conservation_verdict(loose["sq"]).passed
+
+    model, objective = _matrix()
+    observers = {"c": lambda t, m, o: am.imbalance_vector(m),
+                 "s": lambda t, m, o: am.layer_scale(m)}
+    tight = gf.flow(model, objective, t1=1e9, loss_drop=1e-4, observers=observers)
+    assert am.balancedness_verdict(tight["c"], tight["s"]).passed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gf.AccuracyWarning)
+        loose = gf.flow(model, objective, t1=1e9, loss_drop=1e-4, observers=observers,
+                        rtol=1e-3)
+    assert not am.balancedness_verdict(loose["c"], loose["s"]).passed
+
+    model, objective = _htf()
+    observers = {"g": lambda t, m, o: ah.squared_norm_gaps(m),
+                 "s": lambda t, m, o: ah.vector_scale(m)}
+    tight = gf.flow(model, objective, t1=1e9, loss_drop=1e-4, observers=observers)
+    assert ah.conservation_verdict(tight["g"], tight["s"]).passed
+    # the recorded drift is the verdict's drift at the last save
+    g = np.asarray(tight["g"])
+    expected = np.abs(g[-1] - g[0]).max() / max(tight["s"][0], tight["s"][-1])
+    np.testing.assert_allclose(tight.stats["conservation_drift"], expected, rtol=1e-6)
