@@ -130,8 +130,8 @@ def run(args, out: Path, progress: bool = True) -> dict:
 
 def _variant(args) -> str:
     loss = getattr(args, "loss", "squared")
-    loss = {"squared": "squared loss", "absolute": "l1 loss"}.get(
-        loss, f"Huber loss (delta {getattr(args, 'delta', None):g})")
+    names = {"squared": "squared loss", "absolute": "l1 loss"}
+    loss = names[loss] if loss in names else f"Huber loss (delta {args.delta:g})"
     task = getattr(args, "task", "completion")
     what = "sensing" if task == "sensing" else "completion"
     return (f"order {args.order}, rank-{args.truth_rank} truth, {args.observations} "
