@@ -43,13 +43,29 @@ def parse_scales(text: str) -> np.ndarray:
 
 
 def escape_times(result: SweepResult, fraction: float = 0.5) -> np.ndarray:
-    """Per member: the first save time at which the largest component norm reaches
-    `fraction` of its final value (NaN if it never does)."""
+    """Per member: the time at which the largest component norm first reaches
+    `fraction` of its final value.
+
+    The member's saves are followed by its final state (at `t_final`), so a learning
+    phase shorter than the save spacing is still caught; the crossing is interpolated
+    linearly in (log time, norm) between the two samples around it. NaN for a member
+    whose final norm is not positive and finite."""
     top = np.max(result.observations["component_norms"], axis=-1)  # (M, T), NaN after the end
     final = np.max(result.final["component_norms"], axis=-1)
-    reached = top >= fraction * final[:, None]
-    times = result.ts[np.argmax(reached, axis=1)]
-    return np.where(reached.any(axis=1), times, np.nan)
+    out = np.full(len(final), np.nan)
+    for i, (norms, level, t_end) in enumerate(zip(top, final * fraction, result.t_final)):
+        if not (np.isfinite(level) and level > 0 and np.isfinite(t_end)):
+            continue
+        keep = np.isfinite(norms) & (result.ts < t_end)
+        ts = np.append(result.ts[keep], t_end)
+        ys = np.append(norms[keep], final[i])
+        k = int(np.argmax(ys >= level))  # the final sample always reaches the level
+        if k == 0 or ts[k - 1] <= 0:
+            out[i] = ts[k]
+            continue
+        w = (level - ys[k - 1]) / (ys[k] - ys[k - 1])
+        out[i] = np.exp(np.log(ts[k - 1]) + w * (np.log(ts[k]) - np.log(ts[k - 1])))
+    return out
 
 
 def learned_components(result: SweepResult, threshold: float = 1e-2) -> np.ndarray:

@@ -133,3 +133,22 @@ def test_cli_sweep_plot_and_escape_law(tmp_path):
     assert abs(summary["escape_time_slope"] + 1) < 0.35
     assert (tmp_path / "sweep-tf-incremental.png").stat().st_size > 10_000
     assert main(argv) == 0  # re-running resumes: nothing left to solve
+
+
+def test_escape_time_is_caught_between_sparse_saves():
+    # a learning phase shorter than the save spacing: the crossing lies between the
+    # last save and the member's final state, interpolated in log time
+    from gradflow.sweep_report import escape_times
+
+    ts = np.array([0.0, 1.0, 10.0, 100.0])
+    norms = np.array([[[0.01], [0.01], [0.02], [np.nan]],   # ends at t = 50 with norm 1
+                      [[0.01], [0.6], [1.0], [1.0]]])       # crosses 0.5 between t = 0 and 1
+    result = gf.SweepResult(params={"scale": np.array([1.0, 1.0])}, ts=ts,
+                            observations={"component_norms": norms},
+                            final={"component_norms": np.array([[1.0], [1.0]])},
+                            t_final=np.array([50.0, 100.0]), status=np.array(["loss", "loss"]),
+                            steps=np.array([1, 1]), config={})
+    escape = escape_times(result)
+    w = (0.5 - 0.02) / (1.0 - 0.02)
+    assert np.isclose(escape[0], np.exp(np.log(10.0) + w * np.log(5.0)), rtol=1e-12)
+    assert escape[1] == 1.0  # the first save at or above the level follows t = 0
