@@ -7,6 +7,7 @@
     .venv/bin/python benchmarks/run.py compile         [--quick]         # 5
     .venv/bin/python benchmarks/run.py sweep           [--quick]         # issue 6
     .venv/bin/python benchmarks/run.py htf             [--quick] [...]   # issue 15
+    .venv/bin/python benchmarks/run.py htf-accuracy    [--quick] [...]   # issue 15
     .venv/bin/python benchmarks/run.py default-solver  [--quick] [...]   # issue 15
     .venv/bin/python benchmarks/run.py diagonal        [--quick] [...]   # issue 18
     .venv/bin/python benchmarks/run.py report          # docs/benchmarks.md from results/
@@ -25,6 +26,7 @@ import compile_time
 import default_solver
 import diagonal
 import htf
+import htf_accuracy
 import init_scale
 import report
 import sweep
@@ -40,6 +42,7 @@ COMMANDS = {
     "compile": compile_time,
     "sweep": sweep,
     "htf": htf,
+    "htf-accuracy": htf_accuracy,
     "default-solver": default_solver,
     "diagonal": diagonal,
     "report": report,
