@@ -24,7 +24,6 @@ each trajectory file); the figure shows the ten with the largest final value.
 """
 
 import dataclasses
-import json
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -34,6 +33,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from .. import plotting
+from .._flow import flow_through_escape
 from ..analysis import cp as acp
 from ..analysis import matrix as am
 from ..data import random_htf_tensor, random_cp_tensor, sample_indices
@@ -43,9 +43,9 @@ from ..models.matrix import DeepMatrix
 from ..objectives import Completion
 from ..solvers import AutoStiff, RosenbrockW
 from ..stiffness import LargestComponents
-from ._config import check, setting
-from .htf_incremental import (SOLVERS, LearningPhase, flow_through_escape, node_label,
-                              node_slices, rank_summary, top_curves, x_axis, x_values)
+from ._config import check, output, setting, write_summary
+from .htf_incremental import (SOLVERS, LearningPhase, node_label, node_slices, rank_summary,
+                              top_curves, x_axis, x_values)
 
 NAME = "compare-factorizations"
 MODELS = ("mf", "cp", "htf")
@@ -156,7 +156,7 @@ def _run(args, out, progress):
             loss_tol=args.loss_tol, t1=args.t1, observers=observers, saves=args.saves,
             rtol=args.rtol, max_steps=args.max_steps, progress=progress, **extra)
         if out is not None:
-            tr.save(Path(out) / f"trajectory_{name}.npz")
+            tr.save(output(out) / f"trajectory_{name}.npz")
         trajectories[name] = tr, t_escape
         results[name] = _result(name, tr, args) | {"t_escape": t_escape}
         if progress:
@@ -166,10 +166,9 @@ def _run(args, out, progress):
                   f"{r['steps']} steps, {r['wall_time_s']} s", flush=True)
     summary = {"experiment": NAME, "config": dataclasses.asdict(args), "results": results}
     if out is not None:
-        out = Path(out)
+        out = output(out)
         _figure(trajectories, args, out / f"{NAME}.png")
-        (out / "summary.json").write_text(json.dumps(summary | {"out": str(out)}, indent=2,
-                                                     default=str))
+        write_summary(out, summary | {"out": str(out)})
     return summary
 
 

@@ -32,9 +32,7 @@ whose block of the 8 largest coordinates misses that coupling and crawls there).
 """
 
 import dataclasses
-import json
 import time
-from pathlib import Path
 
 import jax.numpy as jnp
 import jax.random as jr
@@ -48,7 +46,7 @@ from ..models.diagonal import DiagonalNet
 from ..objectives import Sensing
 from ..solvers import AutoStiff, RosenbrockW
 from ..stiffness import GaussNewtonSubspace
-from ._config import check, setting
+from ._config import check, check_int, check_number, check_rtol, output, setting, write_summary
 
 NAME = "diagonal-bias"
 
@@ -84,9 +82,10 @@ class Config:
         check(len(set(self.alphas)) == len(self.alphas), "alphas", "distinct values",
               self.alphas)
         check(0 < self.loss_drop < 1, "loss_drop", "in (0, 1)", self.loss_drop)
-        check(0 < self.rtol < 1, "rtol", "in (0, 1)", self.rtol)
+        check_rtol(self)
         check(self.saves >= 16, "saves", "an int >= 16", self.saves)
-        check(self.t1 > 0, "t1", "> 0", self.t1)
+        check_number(self, "t1")
+        check_int(self, "seed", 0)
         check(self.max_steps >= 1, "max_steps", "an int >= 1", self.max_steps)
 
 
@@ -217,10 +216,9 @@ def run(config: Config, out=None, progress: bool = False) -> dict:
         "wall_time_s": round(time.perf_counter() - start, 1),
     }
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
+        out = output(out)
         _figure(rows, curves, saddles, tracked, config, out / f"{NAME}.png")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json))
+        write_summary(out, summary)
     return summary
 
 
@@ -250,12 +248,6 @@ def _saddle_summary(saddles, tracked, rows) -> dict:
         "smallest_alpha_error": (None if not small else float(np.max(
             np.abs(np.asarray(small[0]["activation_accelerated"]) - predicted) / predicted))),
     }
-
-
-def _json(x):
-    if isinstance(x, (np.generic, np.ndarray)):
-        return np.asarray(x).tolist()
-    return str(x)
 
 
 def _figure(rows, curves, saddles, tracked, config, path):

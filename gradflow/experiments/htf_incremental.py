@@ -16,9 +16,9 @@ root last; `summary.json` gives the columns of each node), the singular values o
 the matricization at `--node`, the reconstruction error, and the relative residuals
 of the exact identity for dP/dt (any init) and of the law K*gamma*P^(2-2/K) (exact
 only with `--init balanced`, an exactly balanced sign-matrix init whose root vectors
-have norm = the `--stds` value). The solve runs in two legs (`flow_through_escape`)
-so that the short learning phase after the plateau is finely saved; the figure's
-x-axis is the time since the plateau ended.
+have norm = the `--stds` value). The solve runs in two legs (`flow_through_escape` of
+`gradflow._flow`) so that the short learning phase after the plateau is finely saved;
+the figure's x-axis is the time since the plateau ended.
 
 The settings are the paper code's: mode dimension 8, HT rank (5, 5), norm 64, 2048
 entries, widths 512, Gaussian init (its std is 0.01; 0.03 and 0.003 beside it show
@@ -32,11 +32,9 @@ escape times to ~1e-5 relative; `--rtol 1e-8` or below for residual studies.
 """
 
 import dataclasses
-import json
 from pathlib import Path
 
 import diffrax as dfx
-import jax
 import jax.numpy as jnp
 import jax.random as jr
 import matplotlib.pyplot as plt
@@ -45,13 +43,12 @@ import numpy as np
 from .. import plotting
 from ..analysis import htf as ah
 from ..data import random_htf_tensor, sample_indices
-from .._flow import flow
+from .._flow import flow_through_escape
 from ..models.htf import HTF, ModeTree
 from ..objectives import Completion
 from ..solvers import RosenbrockW
 from ..stiffness import Explicit
-from ..trajectory import Trajectory
-from ._config import check, setting
+from ._config import check, check_int, check_number, check_rtol, output, setting, write_summary
 
 NAME = "htf-incremental"
 
@@ -89,8 +86,9 @@ class LearningPhase:
         for name in ("loss_tol", "t1", "rtol", "rank_rtol"):
             value = getattr(self, name)
             check(value > 0 and np.isfinite(value), name, "a finite number > 0", value)
-        check(self.rtol < 1, "rtol", "< 1", self.rtol)
-        check(self.escape >= 0, "escape", ">= 0", self.escape)
+        check_rtol(self)
+        check_number(self, "escape", 0.0, low_open=False)
+        check_int(self, "seed", 0)
         for name in ("max_steps", "saves"):
             check(getattr(self, name) >= 2, name, "an int >= 2", getattr(self, name))
 
@@ -171,59 +169,6 @@ def rank_summary(tensor, tree: ModeTree, rtol: float) -> dict:
     return out
 
 
-def flow_through_escape(model, objective, *, escape_norm, loss_tol, t1, observers, saves,
-                        **solve) -> tuple[Trajectory, float]:
-    """Gradient flow in two legs, so that the short learning phase is finely saved.
-
-    From a small init the flow sits on a plateau for a time that grows like a power
-    of 1/init, then learns everything in a far shorter time (width 32, std 1e-2:
-    plateau 2.8e9, learning 1.1e5). One geometric save grid over the whole solve
-    puts the learning phase between two saves. So the first leg runs until the
-    end tensor's norm reaches `escape_norm`, and the second restarts from there
-    (its clock reset to 0, so its geometric save grid is dense where learning
-    happens) until `loss_tol`. A W-method or Runge-Kutta solve restarted at a
-    state is the same flow, so the legs join into one trajectory in physical time.
-
-    **Returns:** `(trajectory, t_escape)`, with `t_escape` the end of the first leg
-    (0 when the init's norm is already above `escape_norm`).
-    """
-    # Both legs have the same stops, save-grid size, t1 and observers, so the second
-    # reuses the first's compiled solve (the radius of the second never fires).
-    grid = np.concatenate([[0.0], np.geomspace(1e-2, t1, saves - 1)])
-    kwargs = dict(t1=t1, loss_tol=loss_tol, save_times=grid, observers=observers,
-                  throw=False, **solve)
-    first = None
-    if float(model.norm()) < escape_norm:
-        first = flow(model, objective, radius=escape_norm, **kwargs)
-        if first.status != "radius":  # stopped at the loss, or did not finish
-            return first, first.t_final
-        model = first.model
-    second = flow(model, objective, radius=float(np.finfo(np.float64).max), **kwargs)
-    if first is None:
-        return second, 0.0
-    return _join(first, second), first.t_final
-
-
-def _join(first: Trajectory, second: Trajectory) -> Trajectory:
-    """`second` continued from the end of `first`, in `first`'s clock."""
-    offset = first.t_final
-    cat = lambda a, b: np.concatenate([np.asarray(a)[:-1], np.asarray(b)])
-    stats = {k: (first.stats[k] + second.stats[k]
-                 if first.stats.get(k) is not None and second.stats.get(k) is not None
-                 else None) for k in second.stats}
-    return Trajectory(
-        ts=cat(first.ts, offset + np.asarray(second.ts)),
-        observations=jax.tree.map(cat, first.observations, second.observations),
-        t_final=offset + second.t_final,
-        final=second.final,
-        model=second.model,
-        status=second.status,
-        stats=stats,
-        config=second.config | {"t1": first.config["t1"], "t_escape": offset,
-                                "escape_norm": first.config["radius"]},
-    )
-
-
 def run(config: Config, out: Path | None = None, progress: bool = False) -> dict:
     """Solve every init of `config`; return the per-std results (and, given a folder
     `out`, write the trajectories, the figure and `summary.json` there)."""
@@ -258,7 +203,7 @@ def run(config: Config, out: Path | None = None, progress: bool = False) -> dict
             rtol=args.rtol, solver=SOLVERS[args.solver](), max_steps=args.max_steps,
             progress=progress)
         if out is not None:
-            tr.save(Path(out) / f"trajectory_std{std:g}.npz")
+            tr.save(output(out) / f"trajectory_std{std:g}.npz")
         trajectories[std] = tr, t_escape
         summary[f"{std:g}"] = _result(tr, model, tree, args.rank_rtol) | {"t_escape": t_escape}
         if progress:
@@ -276,10 +221,9 @@ def run(config: Config, out: Path | None = None, progress: bool = False) -> dict
               "truth_node_singular_values": truth_sv[:10].tolist(),
               "results": summary}
     if out is not None:
-        out = Path(out)
+        out = output(out)
         _figure(trajectories, tree, node, truth_sv, truth_ranks, args, out / f"{NAME}.png")
-        (out / "summary.json").write_text(json.dumps(result | {"out": str(out)}, indent=2,
-                                                     default=str))
+        write_summary(out, result | {"out": str(out)})
     return result
 
 
