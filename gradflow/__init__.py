@@ -38,10 +38,12 @@ from .models import DeepMatrix as DeepMatrix
 from .models import DiagonalNet as DiagonalNet
 from .models import HTF as HTF
 from .models import ModeTree as ModeTree
+from .models import StackedCP as StackedCP
 from .objectives import AbsoluteLoss as AbsoluteLoss
 from .objectives import AbstractLoss as AbstractLoss
 from .objectives import AbstractObjective as AbstractObjective
 from .objectives import Completion as Completion
+from .objectives import GroupedFits as GroupedFits
 from .objectives import HuberLoss as HuberLoss
 from .objectives import Sensing as Sensing
 from .objectives import SquaredLoss as SquaredLoss

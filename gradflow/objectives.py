@@ -22,6 +22,7 @@ from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
 from ._validate import check_dims, check_finite, check_int, check_positive, concrete
 from .models.base import AbstractFactorization
+from .models.stacked import StackedCP
 
 
 class AbstractLoss(eqx.Module):
@@ -385,6 +386,65 @@ class Sensing(AbstractObjective):
         values = flat @ tensor.reshape(-1)
         return cls(flat.reshape((num,) + tuple(tensor.shape)), values, loss)
 
+
+
+class GroupedFits(AbstractObjective):
+    r"""Many independent least-squares fits of CP predictors, as one objective.
+
+    The model ([`gradflow.StackedCP`][]) has $R=B\cdot R_b$ components, in $B$
+    blocks of $R_b$; block $b$ is evaluated on its own inputs, and within a block the
+    components are split into groups (`groups`, a 0/1 matrix `(R_b, G)`), each group
+    a separate predictor with its own targets. The objective is the *sum* over blocks
+    and groups of each fit's mean loss, so every fit sees exactly its own gradient:
+    Adam, SGD or any per-coordinate optimizer then runs all fits at once exactly as it
+    would run them one by one (e.g. one-vs-all tasks x ranks x data sets, Razin,
+    Maman & Cohen, ICML 2021, §5.2).
+
+    **Arguments:**
+
+    - `shape`: `(d,) * N`, the tensor the inputs index.
+    - `inputs`: integer array `(B, m, N)`.
+    - `values`: targets `(B, m, G)`.
+    - `groups`: 0/1 array `(R_b, G)`; column `g` selects the components of fit `g`.
+    - `loss`: per-entry loss, `SquaredLoss()` by default.
+    """
+
+    shape: tuple[int, ...] = eqx.field(static=True)
+    inputs: Int[Array, "B m N"]
+    values: Float[Array, "B m G"]
+    groups: Float[Array, "Rb G"]
+    loss: AbstractLoss
+
+    def __init__(self, shape, inputs, values, groups, loss=None):
+        self.shape = tuple(int(s) for s in shape)
+        self.inputs = jnp.asarray(inputs)
+        self.values = jnp.asarray(values)
+        self.groups = jnp.asarray(groups, self.values.dtype)
+        self.loss = SquaredLoss() if loss is None else loss
+        b, m, n = self.inputs.shape
+        if n != len(self.shape):
+            raise ValueError(f"`inputs` have {n} modes but `shape` has {len(self.shape)}.")
+        if self.values.shape != (b, m, self.groups.shape[1]):
+            raise ValueError(
+                f"`values` must have shape {(b, m, self.groups.shape[1])}, got {self.values.shape}."
+            )
+
+    def predict(self, model: StackedCP) -> Float[Array, "B m G"]:
+        """Every fit's predictions on its block's inputs."""
+        stacked = model.weights  # (N, d, B * Rb)
+        n, d, _ = stacked.shape
+        blocks = self.inputs.shape[0]
+        stacked = jnp.moveaxis(stacked.reshape(n, d, blocks, -1), 2, 0)
+        values = jax.vmap(_stacked_values)(stacked, self.inputs)  # (B, m, Rb)
+        return values @ self.groups
+
+    def loss_at(self, predictions):
+        """The sum over blocks and fits of each fit's mean loss."""
+        return jnp.sum(jnp.mean(self.loss(predictions - self.values), axis=1))
+
+
+def _stacked_values(weights, inputs):
+    return StackedCP(weights).component_values(inputs)
 
 def _check_loss(loss) -> AbstractLoss:
     if loss is None:

@@ -1,4 +1,5 @@
-"""Tensor rank as a measure of complexity (TF paper §5.2): data, the log-domain CP predictor, the run."""
+"""Tensor rank as a measure of complexity (TF paper §5.2): data, the log-domain CP predictor
+(`gf.StackedCP`), the grouped fits (`gf.GroupedFits`), the run."""
 
 import json
 
@@ -12,13 +13,9 @@ import pytest
 import gradflow as gf
 from gradflow import datasets
 from gradflow.cli import main
-from gradflow.experiments.tensor_rank_complexity import (
-    NAME,
-    GroupedFits,
-    StackedCP,
-    component_values,
-    layout,
-)
+from gradflow import GroupedFits, StackedCP
+from gradflow.experiments.tensor_rank_complexity import NAME, layout
+from gradflow.models import component_values
 
 
 # --- data ---------------------------------------------------------------------------------
@@ -134,6 +131,8 @@ def test_component_values_equal_the_cp_entries_and_their_gradients():
     np.testing.assert_allclose(eqx.filter_jit(stacked.entries)(x), entries, rtol=1e-12)
     np.testing.assert_allclose(stacked.component_norms(), model.component_norms(), rtol=1e-12)
     np.testing.assert_array_equal(stacked.as_cp().factors[3], model.factors[3])
+    np.testing.assert_allclose(eqx.filter_jit(stacked.component_values)(x),
+                               eqx.filter_jit(component_values)(model, x), rtol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])

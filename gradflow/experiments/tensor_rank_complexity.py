@@ -3,7 +3,7 @@
 Binarized images are points of an order-P tensor with mode dimension 2 (P = number of
 pixels); a predictor of tensor rank k is a CP factorization with k components,
 f(x) = sum_r prod_n w_r^n[x_n], evaluated in log domain (no under/overflow of the long
-products). Each class gives a one-vs-all task (label 1 for the class, 0 otherwise);
+products: `gradflow.StackedCP`). Each class gives a one-vs-all task (label 1 for the class, 0 otherwise);
 for every k in 1..K the mean squared error of the rank-k fit (Adam on the mean
 squared error) is reported on train and test sets, mean +- std over the tasks, for
 the original data and two random controls: images replaced by uniform random binary
@@ -21,7 +21,7 @@ costs about 3 x train size x order x components multiply-adds, so on a CPU subsa
 MNIST with --max-train.
 
 All fits run together as one full-batch Adam run (`gradflow.descent`; the summed
-objective gives each fit exactly its own gradient). Differences from the paper's
+objective, `gradflow.GroupedFits`, gives each fit exactly its own gradient). Differences from the paper's
 code, chosen so a few thousand steps suffice: a rank-k fit starts from k^(-1/order)
 times the paper's mean-1 init (every k starts as the same predictor instead of k
 times larger), a larger init spread (0.8/sqrt(order)), learning rate 0.64/order
@@ -30,239 +30,92 @@ domain instead of weight clamping. Test squared errors are clipped at --test-cli
 (the paper clips outliers without saying where).
 """
 
-import argparse
-import json
+import dataclasses
 import time
 from pathlib import Path
 
 import equinox as eqx
-import jax
-import jax.numpy as jnp
 import jax.random as jr
+import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
-from jaxtyping import Array, Float, Int
 
 from .. import datasets, plotting
 from .._descent import descent
-from ..models.base import AbstractAdditiveFactorization
-from ..models.cp import CP
-from ..objectives import AbstractLoss, AbstractObjective, SquaredLoss
+from ..models.stacked import StackedCP
+from ..objectives import GroupedFits
+from ._config import (check, check_choice, check_int, check_ints, check_number, output, setting,
+                      write_summary)
 
 NAME = "tensor-rank-complexity"
 VARIANTS = ("original", "rand image", "rand label")
+DATA = ("digits", "idx")
 
 
-# --- the CP predictor on discrete inputs, in log domain ---------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """`gradflow run tensor-rank-complexity`: the data, the ranks and the Adam fits."""
+
+    data: str = setting("digits", "scikit-learn's 8x8 digits, or MNIST/Fashion-MNIST IDX "
+                                  "files", choices=DATA)
+    idx_dir: Path | None = setting(None, "folder with the four IDX files (for --data idx)")
+    max_rank: int = setting(8, "fit tensor ranks 1..K")
+    classes: tuple[int, ...] | None = setting(None, "one-vs-all tasks (default: every class)")
+    max_train: int | None = setting(None, "subsample the train set")
+    max_test: int | None = setting(None, "subsample the test set")
+    test_fraction: float = setting(0.3, "digits: fraction held out as the test set")
+    steps: int = setting(3000, "Adam steps (full batch)")
+    lr: float | None = setting(
+        None, "Adam learning rate; default 0.64 / order (1e-2 for digits, 8.2e-4 for MNIST, "
+              "near the paper's 5e-4): a step moves every one of the order's factors, so the "
+              "product moves order times as much")
+    schedule: str = setting("constant", "learning rate: constant, or cosine decay to 0 over "
+                                        "--steps", choices=("constant", "cosine"))
+    init_mean: float = setting(1.0, "mean of the factor entries of a rank-1 fit (the paper's: "
+                                    "1); a rank-k fit's are scaled by k^(-1/order), so that "
+                                    "every fit starts as a predictor of the same size")
+    init_std: float | None = setting(
+        None, "relative std of the Gaussian init; default 0.8 / sqrt(order) (0.1 for digits), "
+              "so the log of a component varies by ~0.8 (the paper's: 1e-3)")
+    test_clip: float = setting(1.0, "clip each test squared error at this value (outliers)")
+    dtype: str = setting("float32", "precision of the fits (the log domain keeps float32 "
+                                    "safe)", choices=("float32", "float64"))
+    seed: int = setting(0, "seed of the split, the subsamples, the controls and the init")
+
+    def __post_init__(self):
+        check_choice(self, "data", DATA)
+        if self.data == "idx":
+            check(self.idx_dir is not None, "idx_dir", "set with `data` 'idx' (the folder "
+                  "holding the four MNIST/Fashion-MNIST IDX files)", self.idx_dir)
+            check(Path(self.idx_dir).is_dir(), "idx_dir", "an existing folder",
+                  str(self.idx_dir))
+        else:
+            check(self.idx_dir is None, "idx_dir", f"unset: it is read with `data` 'idx' "
+                  f"(the data are {self.data!r})", self.idx_dir)
+        check_int(self, "max_rank", 1)
+        check_ints(self, "classes", 0, distinct=True, optional=True)
+        check_int(self, "max_train", 1, optional=True)
+        check_int(self, "max_test", 1, optional=True)
+        check_number(self, "test_fraction", 0.0, 1.0)
+        check_int(self, "steps", 1)
+        check_number(self, "lr", optional=True)
+        check_choice(self, "schedule", ("constant", "cosine"))
+        check_number(self, "init_mean", None)
+        check(self.init_mean != 0, "init_mean", "a finite number != 0", self.init_mean)
+        check_number(self, "init_std", 0.0, low_open=False, optional=True)
+        check_number(self, "test_clip")
+        check_choice(self, "dtype", ("float32", "float64"))
+        check_int(self, "seed", 0)
 
 
-class StackedCP(AbstractAdditiveFactorization):
-    r"""A CP factorization with its factors in one array, evaluated in log domain.
-
-    `weights[n, :, r]` is $\mathbf w_r^n$, so `weights` has shape `(N, d, R)`: the
-    same tensor as `gradflow.CP(tuple(weights))` ([`as_cp`][]), but one array leaf
-    instead of $N$. For the order-64 (digits) and order-784 (MNIST) predictors this
-    keeps compiled programs small (a 64-leaf `CP` spends most of a short fit in XLA
-    compilation) and lets entries be read with matrix products
-    ([`component_values`][]).
-    """
-
-    weights: Float[Array, "N d R"]
-
-    def __check_init__(self):
-        if self.weights.ndim != 3 or self.weights.shape[0] < 2:
-            raise ValueError(f"`weights` must have shape (N >= 2, d, R), got {self.weights.shape}.")
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (self.weights.shape[1],) * self.weights.shape[0]
-
-    @property
-    def order(self) -> int:
-        return self.weights.shape[0]
-
-    @property
-    def rank(self) -> int:
-        return self.weights.shape[2]
-
-    def as_cp(self) -> CP:
-        return CP(tuple(self.weights))
-
-    @classmethod
-    def from_cp(cls, model: CP) -> "StackedCP":
-        return cls(jnp.stack(model.factors))
-
-    def full(self) -> Float[Array, "..."]:
-        return self.as_cp().full()
-
-    def entries(self, indices: Int[Array, "m N"]) -> Float[Array, " m"]:
-        return _component_values(self.weights, indices).sum(axis=-1)
-
-    def vector_norms(self) -> Float[Array, "N R"]:
-        return jnp.linalg.norm(self.weights, axis=1)
-
-    def component_norms(self) -> Float[Array, " R"]:
-        r"""$P_r=\prod_n\|\mathbf w_r^n\|$, summed in log domain."""
-        return jnp.exp(jnp.sum(jnp.log(self.vector_norms()), axis=0))
-
-    def norm(self) -> Float[Array, ""]:
-        return self.as_cp().norm()
-
-    def take(self, components) -> "StackedCP":
-        return StackedCP(self.weights[:, :, components])
-
-    def put(self, components, sub: "StackedCP") -> "StackedCP":
-        return StackedCP(self.weights.at[:, :, components].set(sub.weights))
-
-
-def component_values(model: CP | StackedCP, inputs: Int[Array, "m N"]) -> Float[Array, "m R"]:
-    r"""$\prod_n\mathbf w_r^n[x_n]$ for every input $x$ (row) and component $r$ (column).
-
-    Computed in log domain, as $s_r(x)\exp\big(\sum_n\log|\mathbf w_r^n[x_n]|\big)$
-    with the sign $s_r(x)$ from the parity of the negative factors, so the product of
-    $N$ numbers never under- or overflows in between; only a value that is itself out
-    of range does. The sums are matrix products of the inputs' indicator matrices with
-    the log-weights, $\sum_b\mathbb 1[x=b]\,\log|W_{:,b,:}|$, the fast form for
-    small mode dimensions (2 for binary images).
-
-    A factor entry below the smallest normal float in magnitude (0 included) is read
-    as that float, and its gradient is 0; any other entry's gradient is exact.
-
-    **Arguments:**
-
-    - `model`: a `StackedCP`, or a `gradflow.CP` (its factors `(d, R)` are stacked).
-    - `inputs`: integer array `(m, N)` with entries in `[0, d)` (e.g. binary images).
-
-    **Returns:** array `(m, R)`; its row sums are `model.entries(inputs)`.
-    """
-    weights = model.weights if isinstance(model, StackedCP) else jnp.stack(model.factors)
-    return _component_values(weights, inputs)
-
-
-def _component_values(stacked, inputs):
-    d = stacked.shape[1]
-    dtype = stacked.dtype
-    floor = float(np.finfo(dtype).tiny)
-    magnitude = jnp.abs(stacked)
-    tiny = magnitude < floor  # 0 or subnormal: log and its gradient 1/w are not safe
-    logabs = jnp.where(tiny, float(np.log(floor)), jnp.log(jnp.where(tiny, 1.0, magnitude)))
-    # Parities are small integers: exact in float32, cheaper than a float64 product.
-    negative = (stacked < 0).astype(jnp.float32)
-    # sum_n f[n, x_n] = sum_n f[n, 0] + sum_{b >= 1} 1[x = b] @ (f[:, b] - f[:, 0]):
-    # d - 1 matrix products (one for binary inputs).
-    log_sum = jnp.sum(logabs[:, 0, :], axis=0)
-    negatives = jnp.sum(negative[:, 0, :], axis=0)
-    for b in range(1, d):
-        hit = inputs == b
-        log_sum = log_sum + hit.astype(dtype) @ (logabs[:, b, :] - logabs[:, 0, :])
-        negatives = negatives + hit.astype(jnp.float32) @ (negative[:, b, :] - negative[:, 0, :])
-    if d == 1:
-        log_sum = jnp.broadcast_to(log_sum, (inputs.shape[0],) + log_sum.shape)
-        negatives = jnp.broadcast_to(negatives, log_sum.shape)
-    sign = (1.0 - 2.0 * jnp.mod(negatives, 2.0)).astype(dtype)
-    return sign * jnp.exp(log_sum)
-
-
-class GroupedFits(AbstractObjective):
-    r"""Many independent least-squares fits of CP predictors, as one objective.
-
-    The model's $R=B\cdot R_b$ components form $B$ blocks of $R_b$; block $b$ is
-    evaluated on its own inputs, and within a block the components are split into
-    groups (`groups`, a 0/1 matrix `(R_b, G)`), each group a separate predictor with
-    its own targets. The objective is the *sum* over blocks and groups of each fit's
-    mean loss, so every fit sees exactly its own gradient: Adam, SGD or any
-    per-coordinate optimizer then runs all fits at once exactly as it would run them
-    one by one.
-
-    **Arguments:**
-
-    - `shape`: `(d,) * N`, the tensor the inputs index.
-    - `inputs`: integer array `(B, m, N)`.
-    - `values`: targets `(B, m, G)`.
-    - `groups`: 0/1 array `(R_b, G)`; column `g` selects the components of fit `g`.
-    - `loss`: per-entry loss, `SquaredLoss()` by default.
-    """
-
-    shape: tuple[int, ...] = eqx.field(static=True)
-    inputs: Int[Array, "B m N"]
-    values: Float[Array, "B m G"]
-    groups: Float[Array, "Rb G"]
-    loss: AbstractLoss
-
-    def __init__(self, shape, inputs, values, groups, loss=None):
-        self.shape = tuple(int(s) for s in shape)
-        self.inputs = jnp.asarray(inputs)
-        self.values = jnp.asarray(values)
-        self.groups = jnp.asarray(groups, self.values.dtype)
-        self.loss = SquaredLoss() if loss is None else loss
-        b, m, n = self.inputs.shape
-        if n != len(self.shape):
-            raise ValueError(f"`inputs` have {n} modes but `shape` has {len(self.shape)}.")
-        if self.values.shape != (b, m, self.groups.shape[1]):
-            raise ValueError(
-                f"`values` must have shape {(b, m, self.groups.shape[1])}, got {self.values.shape}."
-            )
-
-    def predict(self, model: StackedCP) -> Float[Array, "B m G"]:
-        stacked = model.weights  # (N, d, B * Rb)
-        n, d, _ = stacked.shape
-        blocks = self.inputs.shape[0]
-        stacked = jnp.moveaxis(stacked.reshape(n, d, blocks, -1), 2, 0)
-        values = jax.vmap(_component_values)(stacked, self.inputs)  # (B, m, Rb)
-        return values @ self.groups
-
-    def loss_at(self, predictions):
-        return jnp.sum(jnp.mean(self.loss(predictions - self.values), axis=1))
-
-
-# --- the experiment ------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", choices=["digits", "idx"], default="digits",
-                        help="scikit-learn's 8x8 digits, or MNIST/Fashion-MNIST IDX files")
-    parser.add_argument("--idx-dir", type=Path, default=None,
-                        help="folder with the four IDX files (for --data idx)")
-    parser.add_argument("--max-rank", type=int, default=8, help="fit tensor ranks 1..K")
-    parser.add_argument("--classes", type=int, nargs="+", default=None,
-                        help="one-vs-all tasks (default: every class)")
-    parser.add_argument("--max-train", type=int, default=None, help="subsample the train set")
-    parser.add_argument("--max-test", type=int, default=None, help="subsample the test set")
-    parser.add_argument("--test-fraction", type=float, default=0.3,
-                        help="digits: fraction held out as the test set")
-    parser.add_argument("--steps", type=int, default=3000, help="Adam steps (full batch)")
-    parser.add_argument("--lr", type=float, default=None,
-                        help="Adam learning rate; default 0.64 / order (1e-2 for digits, 8.2e-4 "
-                             "for MNIST, near the paper's 5e-4): a step moves every one of the "
-                             "order's factors, so the product moves order times as much")
-    parser.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
-                        help="learning rate: constant, or cosine decay to 0 over --steps")
-    parser.add_argument("--init-mean", type=float, default=1.0,
-                        help="mean of the factor entries of a rank-1 fit (the paper's: 1); "
-                             "a rank-k fit's are scaled by k^(-1/order), so that every fit "
-                             "starts as a predictor of the same size")
-    parser.add_argument("--init-std", type=float, default=None,
-                        help="relative std of the Gaussian init; default 0.8 / sqrt(order) "
-                             "(0.1 for digits), so the log of a component varies by ~0.8 "
-                             "(the paper's: 1e-3)")
-    parser.add_argument("--test-clip", type=float, default=1.0,
-                        help="clip each test squared error at this value (outliers)")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32",
-                        help="precision of the fits (the log domain keeps float32 safe)")
-    parser.add_argument("--seed", type=int, default=0)
-
-
-def load(args) -> datasets.ImageDataset:
-    """The data set named by `args` (digits, or IDX files from `args.idx_dir`)."""
-    if args.data == "digits":
-        data = datasets.load_digits(args.test_fraction, args.seed)
+def load(config: Config) -> datasets.ImageDataset:
+    """The data set of `config` (digits, or IDX files from `config.idx_dir`)."""
+    if config.data == "digits":
+        data = datasets.load_digits(config.test_fraction, config.seed)
     else:
-        if args.idx_dir is None:
-            raise ValueError("--data idx needs --idx-dir, the folder holding the four "
-                             "MNIST/Fashion-MNIST IDX files.")
-        data = datasets.load_idx(args.idx_dir)
-    return data.subset(args.max_train, args.max_test, args.seed)
+        data = datasets.load_idx(config.idx_dir)
+    return data.subset(config.max_train, config.max_test, config.seed)
 
 
 def variants(data: datasets.ImageDataset, seed: int):
@@ -324,21 +177,20 @@ def linear_baseline(train_x, train_y, test_x, test_y, clip: float):
     return train, test
 
 
-def run(args, out: Path, progress: bool = True) -> dict:
+def run(config: Config, out: Path | None = None, progress: bool = False) -> dict:
+    """Fit every (variant, class, rank) in one Adam run; return the summary (and, given
+    a folder `out`, write the figure, `mse.npz` and `summary.json` there)."""
     say = (lambda line: print(f"[{NAME}] {line}", flush=True)) if progress else (lambda line: None)
-    if args.max_rank < 1:
-        raise ValueError(f"--max-rank must be >= 1, got {args.max_rank}.")
-    data = load(args)
-    classes = np.asarray(args.classes if args.classes is not None else data.classes)
+    data = load(config)
+    classes = np.asarray(config.classes if config.classes is not None else data.classes)
     unknown = sorted(set(classes.tolist()) - set(data.train_labels.tolist()))
-    if unknown:
-        raise ValueError(f"--classes {unknown} do not occur in the {data.name} train labels "
-                         f"(classes: {data.classes.tolist()}).")
-    ranks = list(range(1, args.max_rank + 1))
-    sets = variants(data, args.seed)
+    check(not unknown, "classes", f"classes of the {data.name} train labels "
+          f"{data.classes.tolist()} ({unknown} do not occur)", config.classes)
+    ranks = list(range(1, config.max_rank + 1))
+    sets = variants(data, config.seed)
     n_pixels = int(np.prod(data.image_shape))
     groups = layout(len(classes), ranks)
-    dtype = np.dtype(args.dtype)
+    dtype = np.dtype(config.dtype)
     onehot = lambda y: (y[:, None] == classes[None, :]).astype(dtype)  # (m, tasks)
     expand = lambda y: np.repeat(onehot(y), len(ranks), axis=1)  # (m, tasks * ranks)
     # 0/1 pixels as uint8: a quarter of int32's memory (MNIST: 3 x 60000 x 784)
@@ -347,20 +199,20 @@ def run(args, out: Path, progress: bool = True) -> dict:
     train_y = np.stack([expand(sets[v][1]) for v in VARIANTS])
     test_y = np.stack([expand(sets[v][3]) for v in VARIANTS])
     groups = groups.astype(dtype)
-    init_std = args.init_std if args.init_std is not None else 0.8 / np.sqrt(n_pixels)
+    init_std = config.init_std if config.init_std is not None else 0.8 / np.sqrt(n_pixels)
     objective = GroupedFits((2,) * n_pixels, train_x, train_y, groups)
     components = len(VARIANTS) * groups.shape[0]
-    model = initial_model(jr.key(args.seed), n_pixels, ranks, len(classes) * len(VARIANTS),
-                          args.init_mean, init_std, dtype)
+    model = initial_model(jr.key(config.seed), n_pixels, ranks, len(classes) * len(VARIANTS),
+                          config.init_mean, init_std, dtype)
     say(f"{data.name}: {train_x.shape[1]} train / {test_x.shape[1]} test images of "
         f"{data.image_shape[0]}x{data.image_shape[1]} pixels (order {n_pixels}); "
-        f"{len(classes)} one-vs-all tasks x ranks 1..{args.max_rank} x {len(VARIANTS)} data sets "
+        f"{len(classes)} one-vs-all tasks x ranks 1..{config.max_rank} x {len(VARIANTS)} data sets "
         f"= {groups.shape[1] * len(VARIANTS)} fits, {components} components, one Adam run")
     start = time.perf_counter()
-    lr = args.lr if args.lr is not None else 0.64 / n_pixels
-    if args.schedule == "cosine":
-        lr = optax.cosine_decay_schedule(lr, args.steps)
-    trajectory = descent(model, objective, optax.adam(lr), steps=args.steps,
+    lr = config.lr if config.lr is not None else 0.64 / n_pixels
+    if config.schedule == "cosine":
+        lr = optax.cosine_decay_schedule(lr, config.steps)
+    trajectory = descent(model, objective, optax.adam(lr), steps=config.steps,
                          observers=["loss"], progress=progress)
     wall = time.perf_counter() - start
     fitted = trajectory.model
@@ -369,7 +221,7 @@ def run(args, out: Path, progress: bool = True) -> dict:
     test_pred = np.asarray(predict(GroupedFits(objective.shape, test_x, test_y, groups), fitted))
     shape = (len(VARIANTS), len(classes), len(ranks))
     train_mse = np.mean((train_pred - train_y) ** 2, axis=1).reshape(shape)
-    test_mse = np.mean(np.minimum((test_pred - test_y) ** 2, args.test_clip), axis=1).reshape(shape)
+    test_mse = np.mean(np.minimum((test_pred - test_y) ** 2, config.test_clip), axis=1).reshape(shape)
     variance = {v: float(np.mean([np.var(onehot(sets[v][1])[:, t]) for t in range(len(classes))]))
                 for v in VARIANTS}
     results = {}
@@ -383,7 +235,7 @@ def run(args, out: Path, progress: bool = True) -> dict:
             "test_mse_std": test_mse[i].std(axis=0).tolist(),
         }
         linear_train, linear_test = linear_baseline(
-            sets[v][0], onehot(sets[v][1]), sets[v][2], onehot(sets[v][3]), args.test_clip)
+            sets[v][0], onehot(sets[v][1]), sets[v][2], onehot(sets[v][3]), config.test_clip)
         results[v] |= {
             "linear_train_mse_mean": float(linear_train.mean()),
             "linear_train_mse_std": float(linear_train.std()),
@@ -403,7 +255,6 @@ def run(args, out: Path, progress: bool = True) -> dict:
         say(f"    linear least squares: {r['linear_train_mse_mean']:.4f}+-"
             f"{r['linear_train_mse_std']:.4f} | {r['linear_test_mse_mean']:.4f}+-"
             f"{r['linear_test_mse_std']:.4f}")
-    _figure(results, data.name, out / f"{NAME}.png")
     summary = {
         "data": data.name,
         "order": n_pixels,
@@ -415,11 +266,13 @@ def run(args, out: Path, progress: bool = True) -> dict:
         "wall_time_s": round(wall, 2),
         "results": results,
     }
-    np.savez(out / "mse.npz", train=train_mse, test=test_mse, ranks=np.asarray(ranks),
-             classes=classes, variants=np.asarray(VARIANTS))
-    (out / "summary.json").write_text(json.dumps(
-        {"experiment": NAME, "config": vars(args) | {"out": str(out)}, "results": summary},
-        indent=2, default=str))
+    summary = {"experiment": NAME, "config": dataclasses.asdict(config), "results": summary}
+    if out is not None:
+        out = output(out)
+        _figure(results, data.name, out / f"{NAME}.png")
+        np.savez(out / "mse.npz", train=train_mse, test=test_mse, ranks=np.asarray(ranks),
+                 classes=classes, variants=np.asarray(VARIANTS))
+        write_summary(out, summary | {"config": summary["config"] | {"out": str(out)}})
     return summary
 
 

@@ -6,3 +6,5 @@ from .matrix import DeepMatrix as DeepMatrix
 from .htf import HTF as HTF
 from .htf import ModeTree as ModeTree
 from .diagonal import DiagonalNet as DiagonalNet
+from .stacked import StackedCP as StackedCP
+from .stacked import component_values as component_values
