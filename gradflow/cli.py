@@ -1,6 +1,7 @@
 """`gradflow` command line."""
 
 import argparse
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -8,6 +9,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from .experiments import EXPERIMENTS
 from .experiments import _config
@@ -53,12 +55,10 @@ def main(argv=None) -> int:
         p = parsers[name] = run_sub.add_parser(
             name, help=module.__doc__.splitlines()[0], description=module.__doc__,
             formatter_class=argparse.RawDescriptionHelpFormatter)
-        if hasattr(module, "Config"):
-            _config.add_arguments(p, module.Config)
-        else:
-            module.add_arguments(p)
+        _config.add_arguments(p, module.Config)
         p.add_argument("--out", type=Path, default=None,
-                       help=f"output folder (default runs/{name})")
+                       help=f"output folder (default runs/{name}; created when the run "
+                            "first writes)")
         p.add_argument("--quiet", action="store_true", help="no progress output")
     sweep = sub.add_parser("sweep", help="an experiment over init scales x seeds, compiled "
                            "once, saved chunk by chunk (re-run to resume)")
@@ -66,18 +66,16 @@ def main(argv=None) -> int:
     for name, module in EXPERIMENTS.items():
         if not hasattr(module, "sweep_setup"):
             continue
-        # the sweep's own --scales replaces an experiment's flag of that name
+        # the sweep's own flags replace an experiment's settings of those names
         p = parsers["sweep " + name] = sweep_sub.add_parser(
             name, help=module.__doc__.splitlines()[0], description=module.__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter, conflict_handler="resolve")
-        if hasattr(module, "Config"):
-            _config.add_arguments(p, module.Config)
-        else:
-            module.add_arguments(p)
+            formatter_class=argparse.RawDescriptionHelpFormatter)
+        _config.add_arguments(p, module.Config, exclude=SWEEP_FLAGS)
         p.add_argument("--scales", default="1e-1:1e-3:5",
                        help="init scales: START:STOP:NUM (geometric) or a comma list")
-        p.add_argument("--seeds", type=int, default=2, help="seeds per scale")
-        p.add_argument("--chunk-size", type=int, default=4, help="members solved together")
+        p.add_argument("--seeds", type=_positive_int, default=2, help="seeds per scale")
+        p.add_argument("--chunk-size", type=_positive_int, default=4,
+                       help="members solved together")
         p.add_argument("--out", type=Path, default=None,
                        help=f"output folder (default runs/sweep-{name})")
         p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -106,22 +104,20 @@ def main(argv=None) -> int:
     out = args.out or Path("runs") / args.experiment
     if out.exists() and not out.is_dir():
         p.error(f"argument --out: {out} exists and is not a folder")
+    config = _config.from_args(module.Config, args, p)  # validated before any output
     start = time.perf_counter()
-    if hasattr(module, "Config"):
-        config = _config.from_args(module.Config, args, p)  # validated before any output
-        out.mkdir(parents=True, exist_ok=True)
-        module.run(config, out=out, progress=not args.quiet)
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        try:
-            module.run(args, out, progress=not args.quiet)
-        except (ValueError, TypeError) as error:
-            if not _names_an_argument(error):
-                raise
-            p.error(_flag_names(str(error), args))
+    try:
+        module.run(config, out=out, progress=not args.quiet)  # creates `out` when it writes
+    except (ValueError, TypeError) as error:
+        _refuse(error, p, args, module.Config)
     print(f"[{args.experiment}] done in {time.perf_counter() - start:.1f}s; "
           f"results in {out}/", flush=True)
     return 0
+
+
+SWEEP_FLAGS = ("scales", "seeds", "chunk_size")
+"""The flags of `gradflow sweep` itself; an experiment's settings of these names keep
+their defaults in a sweep."""
 
 
 def _positive_int(text: str) -> int:
@@ -134,15 +130,21 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _names_an_argument(error: Exception) -> bool:
-    """A validation error (it names an argument in backquotes), not a crash."""
-    return "`" in str(error)
+def _refuse(error: Exception, parser, args, config_cls) -> NoReturn:
+    """A setting refused while the command ran (a check that needs the data, or one of
+    the library's on a value the experiment passed on) as an argparse error naming the
+    flag (exit status 2); any other error is raised as it is."""
+    names = set(vars(args)) | {f.name for f in dataclasses.fields(config_cls)}
+    if not (isinstance(error, _config.SettingError)
+            or any(f"`{name}`" in str(error) for name in names)):
+        raise error
+    parser.error(_flag_names(str(error), names))
 
 
-def _flag_names(message: str, args) -> str:
+def _flag_names(message: str, names) -> str:
     """`loss_drop` -> `--loss-drop` for the flags of this command."""
-    for name in vars(args):
-        message = message.replace(f"`{name}`", f"`--{name.replace('_', '-')}`")
+    for name in names:
+        message = message.replace(f"`{name}`", f"`{_config.flag(name)}`")
     return message
 
 
@@ -153,16 +155,17 @@ def _sweep(args, parser) -> int:
     out = args.out or Path("runs") / f"sweep-{args.experiment}"
     if out.exists() and not out.is_dir():
         parser.error(f"argument --out: {out} exists and is not a folder")
-    settings = (_config.from_args(module.Config, args, parser) if hasattr(module, "Config")
-                else args)
+    config = _config.from_args(module.Config, args, parser, exclude=SWEEP_FLAGS)
+    try:
+        scales = sweep_report.parse_scales(args.scales)
+    except ValueError as error:
+        parser.error(str(error))
     start = time.perf_counter()
     try:
-        summary = sweep_report.run(module, settings, out, scales=args.scales, seeds=args.seeds,
+        summary = sweep_report.run(module, config, out, scales=scales, seeds=args.seeds,
                                    chunk_size=args.chunk_size, progress=not args.quiet)
     except (ValueError, TypeError) as error:
-        if not _names_an_argument(error):
-            raise
-        parser.error(_flag_names(str(error), args))
+        _refuse(error, parser, args, module.Config)
     if not args.quiet:
         for row in summary["per_scale"]:
             print(json.dumps(row), flush=True)
@@ -173,11 +176,11 @@ def _sweep(args, parser) -> int:
     return 0
 
 
-def _import(name: str) -> None:
+def _import(name: str, parser) -> None:
     if name.endswith(".py"):
         spec = importlib.util.spec_from_file_location(Path(name).stem, name)
-        if spec is None or not Path(name).is_file():
-            raise SystemExit(f"gradflow verify: --import: no such file {name!r}")
+        if spec is None or spec.loader is None or not Path(name).is_file():
+            parser.error(f"argument --import: no such file {name!r}")
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
     else:
         importlib.import_module(name)
@@ -198,7 +201,7 @@ def _verify(args, parser) -> int:
     from .verify.registry import describe_bucket
 
     for name in args.imports:
-        _import(name)
+        _import(name, parser)
     unknown = [n for n in (args.only or []) if n not in verify.CHECKS]
     if unknown:
         parser.error(f"argument --only: unknown check(s) {unknown}; known: "
@@ -226,8 +229,8 @@ def _verify(args, parser) -> int:
     try:
         results = verify.run_checks(args.only, args.cases, args.seed, on_result=show,
                                     case=args.case)
-    except ValueError as error:
-        raise SystemExit(f"gradflow verify: {error}") from None
+    except ValueError as error:  # a bad --case or --cases for a check
+        parser.error(_flag_names(str(error), ("cases", "case")).replace("`names`", "`--only`"))
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     failed = [r.name for r in results if not r.passed]
     print(f"{len(results) - len(failed)}/{len(results)} checks passed"

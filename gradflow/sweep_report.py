@@ -1,7 +1,7 @@
 """`gradflow sweep EXPERIMENT`: an experiment's problem over init scales × seeds, and its plot.
 
-An experiment takes part by defining `sweep_setup(settings) -> dict` (its `Config`, or
-its parsed flags) with `problem` (`params -> (model, objective)`, reading
+An experiment takes part by defining `sweep_setup(config) -> dict` (`config` its
+`Config`) with `problem` (`params -> (model, objective)`, reading
 `params["scale"]` and `params["seed"]`), `order` (the N of the escape-time law
 α^-(N-2): the degree of the end tensor in the weights — a CP's order, a deep matrix's
 depth, an HTF's number of weight matrices), and any [`gradflow.sweep`][] settings
@@ -18,6 +18,7 @@ import numpy as np
 
 from . import plotting
 from ._sweep import SweepResult, sweep
+from .experiments._config import write_summary
 
 
 def parse_scales(text: str) -> np.ndarray:
@@ -140,24 +141,23 @@ def figure(result: SweepResult, summary: dict, order: int, path) -> None:
     plotting.save(fig, path)
 
 
-def run(module, settings, out: Path, *, scales: str, seeds: int, chunk_size: int,
+def run(module, config, out: Path, *, scales, seeds: int, chunk_size: int,
         progress: bool = True) -> dict:
     """The `gradflow sweep` command: solve, write chunks, the PNG and `summary.json`.
 
-    `settings` is the experiment's `Config` (or its parsed flags), `scales` the
-    `--scales` text, `seeds` the seeds per scale."""
-    setup = module.sweep_setup(settings)
+    `config` is the experiment's `Config`, `scales` the init scales (an array, or the
+    `--scales` text, read by `parse_scales`), `seeds`
+    the seeds per scale."""
+    setup = module.sweep_setup(config)
     problem, order = setup.pop("problem"), setup.pop("order")
-    grid = {"scale": parse_scales(scales), "seed": np.arange(seeds)}
-    values = (dataclasses.asdict(settings) if dataclasses.is_dataclass(settings)
-              else vars(settings))
+    scales = parse_scales(scales) if isinstance(scales, str) else np.asarray(scales, float)
+    grid = {"scale": scales, "seed": np.arange(seeds)}
     tag = {"experiment": module.NAME} | {
-        k: v for k, v in values.items()
-        if k not in ("out", "quiet", "command", "experiment", "scales", "seeds", "func",
-                     "chunk_size", "no_cache")}
+        k: v for k, v in dataclasses.asdict(config).items()
+        if k not in ("scales", "seeds", "chunk_size")}
     result = sweep(problem, grid, out=out, chunk_size=chunk_size, order_by="scale",
                    tag=json.loads(json.dumps(tag, default=str)), progress=progress, **setup)
     summary = summarize(result, order)
     figure(result, summary, order, out / f"sweep-{module.NAME}.png")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_summary(out, summary)
     return summary

@@ -2,7 +2,10 @@
 
 import json
 
+import pytest
+
 from gradflow.cli import main
+from gradflow.experiments import tf_incremental
 
 
 def test_tf_incremental_writes_png_json_and_trajectories(tmp_path):
@@ -16,6 +19,41 @@ def test_tf_incremental_writes_png_json_and_trajectories(tmp_path):
     assert result["final_loss"] > 0 and result["steps"] > 0
     assert (tmp_path / "tf-incremental.png").stat().st_size > 10_000
     assert (tmp_path / "trajectory_std0.05.npz").exists()
+
+
+def test_tf_incremental_runs_from_python_without_argparse(tmp_path):
+    # a theory script: a Config and run(), no flags; `out` (and its parents) is created
+    # when the run writes
+    config = tf_incremental.Config(stds=(0.05,), order=3, dim=3, truth_rank=1,
+                                   observations=20, components=4)
+    out = tmp_path / "nested" / "run"
+    summary = tf_incremental.run(config, out)
+    assert summary["experiment"] == "tf-incremental" and summary["components"] == 4
+    assert summary["config"] == {f: getattr(config, f) for f in summary["config"]}
+    assert summary["results"]["0.05"]["status"] == "loss"
+    written = json.loads((out / "summary.json").read_text())
+    assert written["results"] == summary["results"] and written["config"]["out"] == str(out)
+    assert (out / "trajectory_std0.05.npz").exists() and (out / "tf-incremental.png").exists()
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["tf-incremental", "--rtol", "-1"], "`--rtol`"),
+    (["tf-incremental", "--components", "0"], "`--components`"),
+    (["tf-incremental", "--observations", "100000"], "`--observations`"),
+    (["tf-incremental", "--order", "1"], "`--order`"),
+    (["tf-incremental", "--loss", "huber"], "`--delta`"),
+    (["tf-incremental", "--loss", "huber", "--delta", "-1"], "`--delta`"),
+    (["mf-incremental", "--rtol", "0"], "`--rtol`"),
+    (["rc-norms", "--rtol", "nan"], "`--rtol`"),
+])
+def test_bad_flags_exit_2_naming_the_flag_and_write_nothing(argv, flag, tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", *argv, "--out", str(out), "--quiet"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and "Traceback" not in err
+    assert not out.exists()
 
 
 def test_rc_norms_bounds_hold_and_norms_grow(tmp_path):  # §2.3, §2.4 along whole trajectories

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from gradflow.cli import main
+from gradflow.experiments import gd_vs_flow
 
 
 def test_gd_vs_flow_cli(tmp_path):
@@ -28,8 +29,16 @@ def test_gd_vs_flow_cli(tmp_path):
         assert result["gd_steps"] == {"cp": [100, 200, 400], "dmf": [40, 80, 160]}[key]
 
 
-def test_gd_vs_flow_rejects_unmatched_times(tmp_path):
-    # every learning rate must hit the comparison times exactly
+def test_gd_vs_flow_rejects_unmatched_times(tmp_path, capsys):
+    # every learning rate must hit the comparison times exactly: refused by the Config,
+    # and on the command line an argparse error naming the flags, before any output
     with pytest.raises(ValueError, match="must be a positive integer"):
-        main(["run", "gd-vs-flow", "--out", str(tmp_path), "--quiet",
+        gd_vs_flow.Config(lrs=(0.3, 0.2), saves=20, cp_t1=40.0)
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "gd-vs-flow", "--out", str(out), "--quiet",
               "--lrs", "0.3", "0.2", "--saves", "20", "--cp-t1", "40"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "must be a positive integer" in err and "`--cp-t1`" in err and "`--lrs`" in err
+    assert not out.exists()

@@ -1,7 +1,6 @@
 """The tensor-completion experiment at a tiny size, and the new flags of tf-incremental,
 mf-incremental and tensor-rank-complexity."""
 
-import argparse
 import json
 
 import jax
@@ -19,13 +18,16 @@ from gradflow.experiments import tf_incremental
 # --- tensor-completion -----------------------------------------------------------------------
 
 
+def completion_argv(out):
+    return ["run", "tensor-completion", "--dim", "3", "--truth-ranks", "1", "2",
+            "--observations", "8", "27", "--stds", "1e-2", "--seeds", "1", "--max-rank", "3",
+            "--solver", "tsit5", "--out", str(out), "--quiet"]
+
+
 @pytest.fixture(scope="module")
 def completion_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("tc")
-    argv = ["run", "tensor-completion", "--dim", "3", "--truth-ranks", "1", "2",
-            "--observations", "8", "27", "--stds", "1e-2", "--seeds", "1", "--max-rank", "3",
-            "--solver", "tsit5", "--out", str(out), "--quiet"]
-    assert main(argv) == 0
+    assert main(completion_argv(out)) == 0
     return out, json.loads((out / "summary.json").read_text())
 
 
@@ -38,6 +40,23 @@ def test_tensor_completion_writes_its_figure_and_table(completion_run):
     table = summary["table"]
     assert table["rank1"]["observations"] == [8, 27]
     assert set(table["rank2"]) == {"std0.01", "linear", "observations"}
+
+
+def test_tensor_completion_resumes_from_its_sweep_folder(completion_run, capsys):
+    # the flows are written chunk by chunk to out/sweep: a second run (as after an
+    # interruption) reads them back instead of solving again
+    out, summary = completion_run
+    chunks = sorted((out / "sweep").glob("chunk_*.npz"))
+    assert chunks and (out / "sweep" / "config.json").exists()
+    stamps = [c.stat().st_mtime_ns for c in chunks]
+    assert main(completion_argv(out)) == 0
+    assert [c.stat().st_mtime_ns for c in chunks] == stamps
+    again = json.loads((out / "summary.json").read_text())
+    assert again["members"] == summary["members"]
+    # flows of another problem are refused, naming the flag
+    with pytest.raises(SystemExit) as exit_:
+        main([*completion_argv(out), "--seed", "1"])
+    assert exit_.value.code == 2 and "`--out`" in capsys.readouterr().err
 
 
 def test_tensor_completion_against_oracles(completion_run):
@@ -89,29 +108,41 @@ def test_masked_problem_is_the_subset_problem():
 # --- tf-incremental: --loss, --delta, --task ---------------------------------------------------
 
 
-def tf_args(**kw):
-    parser = argparse.ArgumentParser()
-    tf_incremental.add_arguments(parser)
-    return parser.parse_args(sum(([f"--{k.replace('_', '-')}", str(v)] for k, v in kw.items()),
-                                 []))
-
-
 def test_tf_incremental_objectives():
     small = dict(order=3, dim=4, truth_rank=2, observations=30)
-    truth, huber, _ = tf_incremental.problem_data(tf_args(loss="huber", delta=0.01, **small))
+    config = lambda **kw: tf_incremental.Config(**small, **kw)
+    truth, huber, _ = tf_incremental.problem_data(config(loss="huber", delta=0.01))
     assert isinstance(huber, gf.Completion) and float(huber.loss.delta) == 0.01
-    _, l1, _ = tf_incremental.problem_data(tf_args(loss="absolute", **small))
+    _, l1, _ = tf_incremental.problem_data(config(loss="absolute"))
     assert isinstance(l1.loss, gf.AbsoluteLoss)
-    _, sensing, _ = tf_incremental.problem_data(tf_args(task="sensing", **small))
+    _, sensing, _ = tf_incremental.problem_data(config(task="sensing"))
     assert isinstance(sensing, gf.Sensing) and sensing.operators.shape == (30, 4, 4, 4)
     np.testing.assert_allclose(sensing.values, jnp.tensordot(sensing.operators, truth, axes=3),
                                rtol=1e-12)
-    _, squared, _ = tf_incremental.problem_data(tf_args(**small))  # the default is unchanged
+    _, squared, _ = tf_incremental.problem_data(config())  # the default is unchanged
     assert isinstance(squared.loss, gf.SquaredLoss) and isinstance(squared, gf.Completion)
-    with pytest.raises(ValueError, match="--delta"):
-        tf_incremental.problem_data(tf_args(loss="huber", **small))
-    with pytest.raises(ValueError, match="--loss huber"):
-        tf_incremental.problem_data(tf_args(delta=0.1, **small))
+    # Huber needs its delta, and a delta needs Huber: refused when the Config is built
+    with pytest.raises(ValueError, match="`delta`"):
+        config(loss="huber")
+    with pytest.raises(ValueError, match="`delta`.*`loss` 'huber'"):
+        config(delta=0.1)
+    with pytest.raises(ValueError, match="`delta` must be a finite number > 0"):
+        config(loss="huber", delta=-1.0)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--loss", "huber"], "`--delta`"),
+    (["--loss", "huber", "--delta", "-1"], "`--delta` must be a finite number > 0"),
+    (["--delta", "0.1"], "`--loss` 'huber'"),
+])
+def test_tf_incremental_huber_flags_are_argparse_errors(tmp_path, capsys, argv, flag):
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "tf-incremental", *argv, "--out", str(out), "--quiet"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and "Traceback" not in err
+    assert not out.exists()
 
 
 def test_tf_incremental_huber_sensing_run(tmp_path):

@@ -9,8 +9,7 @@ relative distance of the end tensor to the flow over [0, t1] is plotted against 
 with its fitted slope (1 for a first-order method).
 """
 
-import argparse
-import json
+import dataclasses
 from pathlib import Path
 
 import diffrax as dfx
@@ -28,50 +27,72 @@ from .._flow import flow
 from ..models.cp import CP
 from ..models.matrix import DeepMatrix
 from ..objectives import Completion
+from ._config import (SettingError, check, check_int, check_number, check_numbers, check_rtol,
+                      output, setting, write_summary)
 
 NAME = "gd-vs-flow"
 
 OBSERVERS = {"loss": "loss", "component_norms": "component_norms", "end": ad.end_tensor}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--lrs", type=float, nargs="+", default=[0.8, 0.4, 0.2, 0.1, 0.05, 0.025],
-                        help="GD learning rates (each t1/(lr·saves) must be an integer)")
-    parser.add_argument("--saves", type=int, default=100,
-                        help="compare GD and flow at this many equally spaced times")
-    parser.add_argument("--cp-dim", type=int, default=5, help="CP tensor is dim^3")
-    parser.add_argument("--cp-components", type=int, default=6, help="R")
-    parser.add_argument("--cp-observations", type=int, default=60)
-    parser.add_argument("--cp-std", type=float, default=0.2, help="CP init std")
-    parser.add_argument("--cp-t1", type=float, default=160.0, help="CP time horizon")
-    parser.add_argument("--dmf-dim", type=int, default=6, help="the matrix is dim x dim")
-    parser.add_argument("--dmf-depth", type=int, default=3)
-    parser.add_argument("--dmf-observations", type=int, default=24)
-    parser.add_argument("--dmf-std", type=float, default=0.2, help="DMF init std per layer")
-    parser.add_argument("--dmf-t1", type=float, default=80.0, help="DMF time horizon")
-    parser.add_argument("--rtol", type=float, default=1e-11,
-                        help="reference flow tolerance (Dopri8)")
-    parser.add_argument("--seed", type=int, default=0)
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """`gradflow run gd-vs-flow`: the learning rates, and the CP and deep-matrix problems."""
+
+    lrs: tuple[float, ...] = setting((0.8, 0.4, 0.2, 0.1, 0.05, 0.025), "GD learning rates "
+                                     "(each t1/(lr·saves) must be an integer)")
+    saves: int = setting(100, "compare GD and flow at this many equally spaced times")
+    cp_dim: int = setting(5, "CP tensor is dim^3")
+    cp_components: int = setting(6, "R")
+    cp_observations: int = setting(60, "observed entries of the CP problem")
+    cp_std: float = setting(0.2, "CP init std")
+    cp_t1: float = setting(160.0, "CP time horizon")
+    dmf_dim: int = setting(6, "the matrix is dim x dim")
+    dmf_depth: int = setting(3, "depth of the deep matrix factorization")
+    dmf_observations: int = setting(24, "observed entries of the deep-matrix problem")
+    dmf_std: float = setting(0.2, "DMF init std per layer")
+    dmf_t1: float = setting(80.0, "DMF time horizon")
+    rtol: float = setting(1e-11, "reference flow tolerance (Dopri8)")
+    seed: int = setting(0, "seed of the data and the inits")
+
+    def __post_init__(self):
+        check_numbers(self, "lrs", distinct=True)
+        check(len(self.lrs) >= 2, "lrs", "at least two distinct learning rates > 0 (a "
+              "convergence order is a slope)", self.lrs)
+        check_int(self, "saves", 1)
+        check_int(self, "cp_dim", 1)
+        check_int(self, "cp_components", 1)
+        check_int(self, "cp_observations", 1, self.cp_dim**3)
+        check_int(self, "dmf_dim", 1)
+        check_int(self, "dmf_depth", 1)
+        check_int(self, "dmf_observations", 1, self.dmf_dim**2)
+        for name in ("cp_std", "cp_t1", "dmf_std", "dmf_t1"):
+            check_number(self, name)
+        check_rtol(self)
+        check_int(self, "seed", 0)
+        for t1 in ("cp_t1", "dmf_t1"):  # every learning rate hits the comparison times
+            for lr in self.lrs:
+                _steps_per_save(getattr(self, t1), lr, self.saves, t1)
 
 
-def cp_problem(args):
+def cp_problem(config):
     """Order-3 completion of a rank-2 tensor with entries of RMS 1, Gaussian CP init."""
-    dims = (args.cp_dim,) * 3
-    k_truth, k_obs, k_init = jr.split(jr.key(args.seed), 3)
+    dims = (config.cp_dim,) * 3
+    k_truth, k_obs, k_init = jr.split(jr.key(config.seed), 3)
     truth = random_cp_tensor(k_truth, dims, 2) * float(np.sqrt(np.prod(dims)))
-    objective = Completion.from_tensor(truth, sample_indices(k_obs, dims, args.cp_observations))
-    return CP.gaussian(k_init, dims, args.cp_components, args.cp_std), objective
+    objective = Completion.from_tensor(truth, sample_indices(k_obs, dims, config.cp_observations))
+    return CP.gaussian(k_init, dims, config.cp_components, config.cp_std), objective
 
 
-def dmf_problem(args):
+def dmf_problem(config):
     """Completion of a rank-2 matrix with entries of RMS 1 by a deep matrix factorization."""
-    d = args.dmf_dim
-    k_u, k_v, k_obs, k_init = jr.split(jr.key(args.seed + 1), 4)
+    d = config.dmf_dim
+    k_u, k_v, k_obs, k_init = jr.split(jr.key(config.seed + 1), 4)
     u, v = jr.normal(k_u, (d, 2)), jr.normal(k_v, (d, 2))
     truth = (u * jnp.array([2.0, 1.0])) @ v.T
     truth = truth * (d / jnp.linalg.norm(truth))
-    objective = Completion.from_tensor(truth, sample_indices(k_obs, (d, d), args.dmf_observations))
-    model = DeepMatrix.gaussian(k_init, (d,) * (args.dmf_depth + 1), args.dmf_std)
+    objective = Completion.from_tensor(truth, sample_indices(k_obs, (d, d), config.dmf_observations))
+    model = DeepMatrix.gaussian(k_init, (d,) * (config.dmf_depth + 1), config.dmf_std)
     return model, objective
 
 
@@ -96,33 +117,30 @@ def compare(model, objective, lrs, t1: float, saves: int, rtol: float, progress=
     return reference, runs, errors
 
 
-def _steps_per_save(t1: float, lr: float, saves: int) -> int:
+def _steps_per_save(t1: float, lr: float, saves: int, name: str = "t1") -> int:
     per_save = t1 / (lr * saves)
     if round(per_save) < 1 or abs(per_save - round(per_save)) > 1e-9 * per_save:
-        raise ValueError(
-            f"t1/(lr·saves) = {per_save:g} must be a positive integer (t1={t1:g}, "
-            f"lr={lr:g}, saves={saves}) so that every run is compared at the same times."
+        raise SettingError(
+            f"`{name}`/(`lrs`·`saves`) = {t1:g}/({lr:g}·{saves}) = {per_save:g} must be a "
+            "positive integer, so that every run is compared at the same times."
         )
     return round(per_save)
 
 
-def run(args, out: Path, progress: bool = True) -> dict:
-    lrs = np.sort(np.asarray(args.lrs, float))[::-1]
-    if lrs.size < 2 or np.any(lrs <= 0) or len(set(lrs.tolist())) < lrs.size:
-        raise ValueError("`--lrs` needs at least two distinct positive learning rates.")
-    for lr in lrs:  # check all before computing anything
-        _steps_per_save(args.cp_t1, lr, args.saves)
-        _steps_per_save(args.dmf_t1, lr, args.saves)
+def run(config: Config, out: Path | None = None, progress: bool = False) -> dict:
+    """GD at every learning rate against the flow, on both problems; return the summary
+    (and, given a folder `out`, write the figure and `summary.json` there)."""
+    lrs = np.sort(np.asarray(config.lrs, float))[::-1]
     problems = {
-        "cp": ("CP, order 3", cp_problem(args), args.cp_t1),
-        "dmf": (f"deep matrix, depth {args.dmf_depth}", dmf_problem(args), args.dmf_t1),
+        "cp": ("CP, order 3", cp_problem(config), config.cp_t1),
+        "dmf": (f"deep matrix, depth {config.dmf_depth}", dmf_problem(config), config.dmf_t1),
     }
     summary, results = {}, {}
     for key, (title, (model, objective), t1) in problems.items():
         if progress:
             print(f"[{NAME}] {title}: GD at lr {list(lrs)} and the flow up to t = {t1:g}",
                   flush=True)
-        reference, runs, errors = compare(model, objective, lrs, t1, args.saves, args.rtol,
+        reference, runs, errors = compare(model, objective, lrs, t1, config.saves, config.rtol,
                                           progress)
         slope = ad.convergence_order(lrs, errors)
         results[key] = (title, reference, runs, errors, slope)
@@ -142,10 +160,11 @@ def run(args, out: Path, progress: bool = True) -> dict:
         if progress:
             print(f"[{NAME}] {title}: errors {np.array2string(errors, precision=3)}, "
                   f"slope {slope:.4f}", flush=True)
-    _figure(results, out / f"{NAME}.png")
-    (out / "summary.json").write_text(json.dumps(
-        {"experiment": NAME, "config": vars(args) | {"out": str(out)}, "results": summary},
-        indent=2, default=str))
+    summary = {"experiment": NAME, "config": dataclasses.asdict(config), "results": summary}
+    if out is not None:
+        out = output(out)
+        _figure(results, out / f"{NAME}.png")
+        write_summary(out, summary | {"config": summary["config"] | {"out": str(out)}})
     return summary
 
 

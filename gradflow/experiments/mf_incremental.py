@@ -18,8 +18,7 @@ nuclear-norm matrix that fits the observations (`gradflow.analysis.convex`, ADMM
 JAX), with its error and effective rank (`--no-nuclear-norm` skips it).
 """
 
-import argparse
-import json
+import dataclasses
 import time
 from pathlib import Path
 
@@ -35,32 +34,48 @@ from ..data import sample_indices
 from .._flow import flow
 from ..models.matrix import DeepMatrix
 from ..objectives import Completion
+from ._config import (check, check_choice, check_int, check_ints, check_number, check_numbers,
+                      check_rtol, output, setting, write_summary)
 
 NAME = "mf-incremental"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--depths", type=int, nargs="+", default=[1, 2, 3, 4])
-    parser.add_argument("--scales", type=float, nargs="+", default=[1e-1, 1e-2, 1e-3],
-                        help="expected Frobenius norm of the end matrix at init")
-    parser.add_argument("--dim", type=int, default=100, help="the matrix is dim x dim")
-    parser.add_argument("--truth-rank", type=int, default=5)
-    parser.add_argument("--observations", type=int, default=2000)
-    parser.add_argument("--loss-drop", type=float, default=1e-6,
-                        help="stop when loss <= this x initial loss")
-    parser.add_argument("--t1", type=float, default=1e12, help="final flow time")
-    parser.add_argument("--rtol", type=float, default=1e-8)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--init", choices=INITS, default="gaussian",
-                        help="layer init: i.i.d. Gaussian (scaled in expectation), or "
-                             "orthogonal / uniform layers rescaled so that the end matrix "
-                             "has Frobenius norm --scales exactly")
-    parser.add_argument("--nuclear-norm", action=argparse.BooleanOptionalAction, default=True,
-                        help="also solve the minimum nuclear-norm completion (the convex "
-                             "baseline)")
-
-
 INITS = ("gaussian", "orthogonal", "uniform")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """`gradflow run mf-incremental`: the problem, the depths and the init scales (Arora
+    et al.'s completion by default)."""
+
+    depths: tuple[int, ...] = setting((1, 2, 3, 4), "depths of the factorizations (1: the "
+                                      "matrix itself)")
+    scales: tuple[float, ...] = setting((1e-1, 1e-2, 1e-3), "expected Frobenius norm of the "
+                                        "end matrix at init")
+    dim: int = setting(100, "the matrix is dim x dim")
+    truth_rank: int = setting(5, "rank of the ground truth")
+    observations: int = setting(2000, "observed entries (uniform, without repetition)")
+    loss_drop: float = setting(1e-6, "stop when loss <= this x initial loss")
+    t1: float = setting(1e12, "final flow time")
+    rtol: float = setting(1e-8, "relative tolerance of the solve")
+    seed: int = setting(0, "seed of the data and the inits")
+    init: str = setting("gaussian", "layer init: i.i.d. Gaussian (scaled in expectation), or "
+                        "orthogonal / uniform layers rescaled so that the end matrix has "
+                        "Frobenius norm --scales exactly", choices=INITS)
+    nuclear_norm: bool = setting(True, "also solve the minimum nuclear-norm completion (the "
+                                       "convex baseline)")
+
+    def __post_init__(self):
+        check_ints(self, "depths", 1, distinct=True)
+        check_numbers(self, "scales", distinct=True)
+        check_int(self, "dim", 1)
+        check_int(self, "truth_rank", 1, self.dim)
+        check_int(self, "observations", 1, self.dim**2)
+        check_number(self, "loss_drop", 0.0, 1.0)
+        check_number(self, "t1")
+        check_rtol(self)
+        check_int(self, "seed", 0)
+        check_choice(self, "init", INITS)
+        check(isinstance(self.nuclear_norm, bool), "nuclear_norm", "True or False",
+              self.nuclear_norm)
 
 
 def initial_model(key, dims, scale: float, init: str = "gaussian") -> DeepMatrix:
@@ -88,27 +103,31 @@ def layer_std(scale: float, dims) -> float:
     return float((scale**2 / np.prod(np.asarray(dims, float))) ** (1 / (2 * (len(dims) - 1))))
 
 
-def run(args, out: Path, progress: bool = True) -> dict:
-    k_truth, k_obs, k_init = jr.split(jr.key(args.seed), 3)
-    shape = (args.dim, args.dim)
-    truth = ground_truth(k_truth, args.dim, args.truth_rank)
-    objective = Completion.from_tensor(truth, sample_indices(k_obs, shape, args.observations))
+def run(config: Config, out: Path | None = None, progress: bool = False) -> dict:
+    """Solve every (scale, depth) of `config`, and the convex baseline; return the
+    summary (and, given a folder `out`, write the trajectories, the figure and
+    `summary.json` there)."""
+    k_truth, k_obs, k_init = jr.split(jr.key(config.seed), 3)
+    shape = (config.dim, config.dim)
+    truth = ground_truth(k_truth, config.dim, config.truth_rank)
+    objective = Completion.from_tensor(truth, sample_indices(k_obs, shape, config.observations))
     truth_norm = jnp.linalg.norm(truth)
     observers = {
         "component_norms": lambda t, m, o: m.component_norms(),
         "effective_rank": lambda t, m, o: am.effective_rank(m.full()),
         "reconstruction_error": lambda t, m, o: jnp.linalg.norm(m.full() - truth) / truth_norm,
     }
-    save_times = np.concatenate([[0.0], np.geomspace(1e-1, args.t1, 1500)])
+    save_times = np.concatenate([[0.0], np.geomspace(1e-1, config.t1, 1500)])
     results, trajectories = {}, {}
-    for scale in args.scales:
-        for depth in args.depths:
-            dims = (args.dim,) * (depth + 1)
-            model = initial_model(k_init, dims, scale, getattr(args, "init", "gaussian"))
-            loss_tol = args.loss_drop * float(objective(model))
-            tr = flow(model, objective, t1=args.t1, loss_tol=loss_tol, observers=observers,
-                      save_times=save_times, rtol=args.rtol, max_steps=200_000)
-            tr.save(out / f"trajectory_depth{depth}_scale{scale:g}.npz")
+    for scale in config.scales:
+        for depth in config.depths:
+            dims = (config.dim,) * (depth + 1)
+            model = initial_model(k_init, dims, scale, config.init)
+            loss_tol = config.loss_drop * float(objective(model))
+            tr = flow(model, objective, t1=config.t1, loss_tol=loss_tol, observers=observers,
+                      save_times=save_times, rtol=config.rtol, max_steps=200_000)
+            if out is not None:
+                tr.save(output(out) / f"trajectory_depth{depth}_scale{scale:g}.npz")
             trajectories[scale, depth] = tr
             sv = np.asarray(tr.final["component_norms"])
             results[f"depth{depth}_scale{scale:g}"] = {
@@ -119,8 +138,8 @@ def run(args, out: Path, progress: bool = True) -> dict:
                 "final_loss": float(tr.final["loss"]),
                 "relative_reconstruction_error": float(tr.final["reconstruction_error"]),
                 "effective_rank": float(tr.final["effective_rank"]),
-                "top_singular_values": sv[: args.truth_rank + 2].tolist(),
-                "learning_order": learning_order(tr, args.truth_rank),
+                "top_singular_values": sv[: config.truth_rank + 2].tolist(),
+                "learning_order": learning_order(tr, config.truth_rank),
                 "steps": tr.stats["steps"],
                 "wall_time_s": round(tr.stats["wall_time"], 2),
             }
@@ -130,39 +149,39 @@ def run(args, out: Path, progress: bool = True) -> dict:
                       f"{r['relative_reconstruction_error']:.3g}, erank "
                       f"{r['effective_rank']:.3g}, {r['steps']} steps, "
                       f"{r['wall_time_s']} s", flush=True)
-    truth_sv = np.asarray(jnp.linalg.svd(truth, compute_uv=False)[: args.truth_rank])
+    truth_sv = np.asarray(jnp.linalg.svd(truth, compute_uv=False)[: config.truth_rank])
     baseline = None
-    if getattr(args, "nuclear_norm", True):
+    if config.nuclear_norm:
         baseline = nuclear_norm_baseline(objective, truth)
         if progress:
             print(f"[{NAME}] minimum nuclear norm: error "
                   f"{baseline['relative_reconstruction_error']:.3g}, erank "
                   f"{baseline['effective_rank']:.3g} ({baseline['iterations']} ADMM iterations, "
                   f"{baseline['wall_time_s']} s)", flush=True)
-    _figure(trajectories, args, truth_sv, out / f"{NAME}.png", baseline)
-    (out / "summary.json").write_text(json.dumps(
-        {"experiment": NAME, "config": vars(args) | {"out": str(out)},
-         "truth_singular_values": truth_sv.tolist(), "results": results,
-         "min_nuclear_norm": baseline},
-        indent=2, default=str))
-    return results
+    summary = {"experiment": NAME, "config": dataclasses.asdict(config),
+               "truth_singular_values": truth_sv.tolist(), "results": results,
+               "min_nuclear_norm": baseline}
+    if out is not None:
+        out = output(out)
+        _figure(trajectories, config, truth_sv, out / f"{NAME}.png", baseline)
+        write_summary(out, summary | {"config": summary["config"] | {"out": str(out)}})
+    return summary
 
 
-def sweep_setup(args) -> dict:
-    """This experiment's problem for `gradflow sweep`: the deepest of `--depths` (at
+def sweep_setup(config: Config) -> dict:
+    """This experiment's problem for `gradflow sweep`: the deepest of `depths` (at
     least 3), every layer entry N(0, scale²) with scale = the sweep's scale (the
     per-weight scale α, so that the escape time grows like α^-(L-2) for depth L; the
-    experiment's own `--scales`, end-matrix norms, are replaced by the sweep's)."""
-    depth = max(args.depths)
-    if depth < 3:
-        raise ValueError(f"`depths` must include a depth >= 3 for a sweep (the escape "
-                         f"time of depth 2 grows like log(1/scale)), got {args.depths}.")
-    k_truth, k_obs, _ = jr.split(jr.key(args.seed), 3)
-    shape = (args.dim, args.dim)
-    truth = ground_truth(k_truth, args.dim, args.truth_rank)
-    objective = Completion.from_tensor(truth, sample_indices(k_obs, shape, args.observations))
+    experiment's own `scales`, end-matrix norms, are replaced by the sweep's)."""
+    depth = max(config.depths)
+    check(depth >= 3, "depths", "ints of which one is >= 3 for a sweep (the escape time "
+          "of depth 2 grows like log(1/scale))", config.depths)
+    k_truth, k_obs, _ = jr.split(jr.key(config.seed), 3)
+    shape = (config.dim, config.dim)
+    truth = ground_truth(k_truth, config.dim, config.truth_rank)
+    objective = Completion.from_tensor(truth, sample_indices(k_obs, shape, config.observations))
     truth_norm = jnp.linalg.norm(truth)
-    dims = (args.dim,) * (depth + 1)
+    dims = (config.dim,) * (depth + 1)
 
     def problem(params):
         return DeepMatrix.gaussian(jr.key(params["seed"]), dims, params["scale"]), objective
@@ -170,10 +189,10 @@ def sweep_setup(args) -> dict:
     return dict(
         problem=problem,
         order=depth,
-        t1=args.t1,
-        loss_drop=args.loss_drop,
-        rtol=args.rtol,
-        save_times=np.concatenate([[0.0], np.geomspace(1e-1, args.t1, 400)]),
+        t1=config.t1,
+        loss_drop=config.loss_drop,
+        rtol=config.rtol,
+        save_times=np.concatenate([[0.0], np.geomspace(1e-1, config.t1, 400)]),
         observers={
             "component_norms": lambda t, m, o: m.component_norms(),
             "reconstruction_error": lambda t, m, o: jnp.linalg.norm(m.full() - truth) / truth_norm,
@@ -208,8 +227,8 @@ def learning_order(tr, k: int) -> list[float]:
     return [float(tr.ts[np.argmax(reached[:, r])]) for r in range(sv.shape[1])]
 
 
-def _figure(trajectories, args, truth_sv, path, baseline=None):
-    scales, depths = args.scales, args.depths
+def _figure(trajectories, config, truth_sv, path, baseline=None):
+    scales, depths = config.scales, config.depths
     columns = max(len(depths), 2)  # the bottom row has two summary panels
     fig, axes = plt.subplots(len(scales) + 1, columns,
                              figsize=(3.6 * columns, 2.9 * (len(scales) + 1)), squeeze=False)
@@ -243,7 +262,7 @@ def _figure(trajectories, args, truth_sv, path, baseline=None):
         ax.legend(fontsize=7)
     for ax in axes[-1, 2:]:
         ax.axis("off")
-    fig.suptitle(f"{args.dim}x{args.dim} rank-{args.truth_rank} completion from "
-                 f"{args.observations} entries: top-10 singular values over flow time "
+    fig.suptitle(f"{config.dim}x{config.dim} rank-{config.truth_rank} completion from "
+                 f"{config.observations} entries: top-10 singular values over flow time "
                  "(dotted: ground truth)", fontsize=10)
     plotting.save(fig, path)

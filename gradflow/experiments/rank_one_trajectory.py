@@ -11,8 +11,7 @@ largest component, up to time T (or until |W| = D). Expected: Delta(alpha) -> 0 
 alpha^N (fitted log-log slope ~ N) and t_S * alpha^(N-2) -> const.
 """
 
-import argparse
-import json
+import dataclasses
 from pathlib import Path
 
 import diffrax as dfx
@@ -27,33 +26,54 @@ from .. import theorem2
 from ..data import sample_indices
 from ..objectives import Completion, HuberLoss
 from ..solvers import RosenbrockW
+from ._config import (check, check_choice, check_int, check_number, check_numbers, check_rtol,
+                      output, setting, write_summary)
 
 NAME = "rank-one-trajectory"
 SOLVERS = {"dopri8": dfx.Dopri8, "tsit5": dfx.Tsit5, "rosenbrock": RosenbrockW}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--alphas", type=float, nargs="+", default=[3e-2, 1e-2, 3e-3, 1e-3],
-                        help="init scales, decreasing")
-    parser.add_argument("--order", type=int, default=3, help="N (>= 3)")
-    parser.add_argument("--dim", type=int, default=3)
-    parser.add_argument("--components", type=int, default=4, help="R")
-    parser.add_argument("--observations", type=int, default=12)
-    parser.add_argument("--delta-fraction", type=float, default=0.05,
-                        help="Huber delta_h as a fraction of min|y| (< 1: Assumption 1)")
-    parser.add_argument("--rho-fraction", type=float, default=0.5,
-                        help="sphere radius rho as a fraction of min|y| - delta_h")
-    parser.add_argument("--T", type=float, default=40.0, help="comparison horizon after t_S")
-    parser.add_argument("--D", type=float, default=None,
-                        help="stop comparing once |W| reaches D (default: no limit)")
-    parser.add_argument("--shrink", type=float, default=0.5,
-                        help="non-leading component norms, as a fraction of A3's threshold")
-    parser.add_argument("--power-iterations", type=int, default=10)
-    parser.add_argument("--saves", type=int, default=400, help="comparison times in [0, T]")
-    parser.add_argument("--solver", choices=sorted(SOLVERS), default="dopri8")
-    parser.add_argument("--rtol", type=float, default=1e-13,
-                        help="solver tolerance; Delta is resolved down to ~rtol x |W|")
-    parser.add_argument("--seed", type=int, default=0)
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """`gradflow run rank-one-trajectory`: the Huber completion problem, the init scales
+    and the comparison with the rank-one trajectory (Theorem 2's protocol)."""
+
+    alphas: tuple[float, ...] = setting((3e-2, 1e-2, 3e-3, 1e-3), "init scales, decreasing")
+    order: int = setting(3, "N (>= 3)")
+    dim: int = setting(3, "mode dimension")
+    components: int = setting(4, "R")
+    observations: int = setting(12, "observed entries (uniform, without repetition)")
+    delta_fraction: float = setting(0.05, "Huber delta_h as a fraction of min|y| (< 1: "
+                                          "Assumption 1)")
+    rho_fraction: float = setting(0.5, "sphere radius rho as a fraction of min|y| - delta_h")
+    T: float = setting(40.0, "comparison horizon after t_S")
+    D: float | None = setting(None, "stop comparing once |W| reaches D (> rho; default: no "
+                                    "limit)")
+    shrink: float = setting(0.5, "non-leading component norms, as a fraction of A3's "
+                                 "threshold")
+    power_iterations: int = setting(10, "higher-order power method sweeps toward the leading "
+                                        "direction")
+    saves: int = setting(400, "comparison times in [0, T]")
+    solver: str = setting("dopri8", "ODE solver", choices=tuple(sorted(SOLVERS)))
+    rtol: float = setting(1e-13, "solver tolerance; Delta is resolved down to ~rtol x |W|")
+    seed: int = setting(0, "seed of the data and the init")
+
+    def __post_init__(self):
+        check_numbers(self, "alphas", distinct=True)
+        check_int(self, "order", 3)
+        check_int(self, "dim", 1)
+        check_int(self, "components", 1)
+        check_int(self, "observations", 1, self.dim**self.order)
+        check_number(self, "delta_fraction", 0.0, 1.0)
+        check_number(self, "rho_fraction", 0.0, 1.0)
+        check_number(self, "T")
+        check_number(self, "D", optional=True)
+        check_number(self, "shrink", 0.0, 1.0)
+        check_int(self, "power_iterations", 0)
+        check_int(self, "saves", 2)
+        check_choice(self, "solver", tuple(SOLVERS))
+        check_rtol(self)
+        check_int(self, "seed", 0)
 
 
 def huber_problem(key, order: int = 3, dim: int = 3, observations: int = 12,
@@ -71,23 +91,25 @@ def huber_problem(key, order: int = 3, dim: int = 3, observations: int = 12,
     return Completion(dims, indices, values, HuberLoss(delta))
 
 
-def run(args, out: Path, progress: bool = True) -> dict:
-    if args.order < 3:
-        raise ValueError(f"Theorem 2 needs --order >= 3, got {args.order}.")
-    k_data, k_init = jr.split(jr.key(args.seed))
-    objective = huber_problem(k_data, args.order, args.dim, args.observations,
-                              args.delta_fraction)
+def run(config: Config, out: Path | None = None, progress: bool = False) -> dict:
+    """Theorem 2's protocol at every init scale; return the summary (and, given a folder
+    `out`, write the figure and `summary.json` there)."""
+    k_data, k_init = jr.split(jr.key(config.seed))
+    objective = huber_problem(k_data, config.order, config.dim, config.observations,
+                              config.delta_fraction)
     ball = theorem2.check_assumption1(objective)
-    init = theorem2.leading_init(k_init, objective, args.components, shrink=args.shrink,
-                                 power_iterations=args.power_iterations)
+    rho = config.rho_fraction * ball
+    check(config.D is None or config.D > rho, "D", f"> rho = {rho:.6g} (or unset)", config.D)
+    init = theorem2.leading_init(k_init, objective, config.components, shrink=config.shrink,
+                                 power_iterations=config.power_iterations)
     say = (lambda line: print(f"[{NAME}] {line}", flush=True)) if progress else None
     if say:
         say(f"A1 ball radius min|y|-delta_h = {ball:.6g}; "
             f"{theorem2.assumption2(init)}; {theorem2.assumption3(init, objective)}")
     result = theorem2.protocol(
-        init, objective, sorted(args.alphas, reverse=True), T=args.T, D=args.D,
-        rho=args.rho_fraction * ball, num_saves=args.saves, solver=SOLVERS[args.solver](),
-        rtol=args.rtol, progress=say,
+        init, objective, sorted(config.alphas, reverse=True), T=config.T, D=config.D,
+        rho=rho, num_saves=config.saves, solver=SOLVERS[config.solver](),
+        rtol=config.rtol, progress=say,
     )
     n = result.order
     slope = result.slope()
@@ -115,10 +137,11 @@ def run(args, out: Path, progress: bool = True) -> dict:
             say(f"{r.alpha:8.1e} {r.t_hit:11.4e} {r.t_hit_scaled:12.5g} {r.delta:10.3e} "
                 f"{r.others_norm:20.3e}")
         say(f"fitted slope of log Delta vs log alpha: {slope:.3f} (N = {n})")
-    _figure(result, out / f"{NAME}.png")
-    (out / "summary.json").write_text(json.dumps(
-        {"experiment": NAME, "config": vars(args) | {"out": str(out)}, "results": summary},
-        indent=2, default=str))
+    summary = {"experiment": NAME, "config": dataclasses.asdict(config), "results": summary}
+    if out is not None:
+        out = output(out)
+        _figure(result, out / f"{NAME}.png")
+        write_summary(out, summary | {"config": summary["config"] | {"out": str(out)}})
     return summary
 
 

@@ -14,7 +14,7 @@ resolution its sign is lost. The summary reports, per run, the loss down to whic
 kept the sign of det W(0); the bounds are checked on that stretch.
 """
 
-import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -30,28 +30,48 @@ from ..models.matrix import DeepMatrix
 from ..objectives import Completion
 from ..solvers import RosenbrockW
 from ..stiffness import DenseHessian
+from ._config import (check, check_choice, check_int, check_ints, check_number, check_numbers,
+                      check_rtol, output, setting, write_summary)
 
 NAME = "rc-norms"
 OBSERVED = jnp.array([[0, 1], [1, 0], [1, 1]])  # every entry but (1,1) (0-based (0,0))
+INITS = ("identity", "gaussian")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--depths", type=int, nargs="+", default=[2, 3, 4])
-    parser.add_argument("--init", choices=["identity", "gaussian"], default="identity",
-                        help="W(0) = scale * diag(+-1, 1) (the docs' Razin-Cohen runs), or a "
-                             "Gaussian matrix of norm scale; balanced layers either way")
-    parser.add_argument("--scale", type=float, default=1e-1,
-                        help="scale of the end matrix at init (see --init)")
-    parser.add_argument("--perturbed-depth", type=int, default=3)
-    parser.add_argument("--eps", type=float, nargs="+", default=[0.0, 0.01, 0.05, 0.1, 0.5],
-                        help="observed (2,2) entry of the perturbed problem")
-    parser.add_argument("--z", type=float, nargs=2, default=[-2.0, 0.5],
-                        help="observed (1,2) and (2,1) entries of the perturbed problem")
-    parser.add_argument("--loss-tol", type=float, default=1e-8,
-                        help="stop when the (mean 1/2 squared) loss falls below this")
-    parser.add_argument("--t1", type=float, default=1e14)
-    parser.add_argument("--rtol", type=float, default=1e-10)
-    parser.add_argument("--seed", type=int, default=0)
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """`gradflow run rc-norms`: the depths, the init and the perturbed problems (the
+    docs' Razin-Cohen runs by default)."""
+
+    depths: tuple[int, ...] = setting((2, 3, 4), "depths of the unperturbed problem's "
+                                      "factorizations")
+    init: str = setting("identity", "W(0) = scale * diag(+-1, 1) (the docs' Razin-Cohen "
+                        "runs), or a Gaussian matrix of norm scale; balanced layers either "
+                        "way", choices=INITS)
+    scale: float = setting(1e-1, "scale of the end matrix at init (see --init)")
+    perturbed_depth: int = setting(3, "depth of the perturbed problem's factorization")
+    eps: tuple[float, ...] = setting((0.0, 0.01, 0.05, 0.1, 0.5), "observed (2,2) entry of "
+                                     "the perturbed problem")
+    z: tuple[float, float] = setting((-2.0, 0.5), "observed (1,2) and (2,1) entries of the "
+                                     "perturbed problem")
+    loss_tol: float = setting(1e-8, "stop when the (mean 1/2 squared) loss falls below this")
+    t1: float = setting(1e14, "final flow time")
+    rtol: float = setting(1e-10, "relative tolerance of the solve")
+    seed: int = setting(0, "seed of the inits")
+
+    def __post_init__(self):
+        check_ints(self, "depths", 2, distinct=True)
+        check_choice(self, "init", INITS)
+        check_number(self, "scale")
+        check_int(self, "perturbed_depth", 2)
+        check_numbers(self, "eps", None, distinct=True)
+        check_numbers(self, "z", None, length=2)
+        check(self.z[0] * self.z[1] != 0, "z", "two non-zero numbers (their product's sign "
+              "is det W(0)'s)", self.z)
+        check_number(self, "loss_tol")
+        check_number(self, "t1")
+        check_rtol(self)
+        check_int(self, "seed", 0)
 
 
 def problem(z: float = 1.0, z2: float = 1.0, eps: float = 0.0) -> Completion:
@@ -76,11 +96,11 @@ def initial_model(key, depth: int, scale: float, det_sign: int, init: str = "ide
     return DeepMatrix.balanced(k_layers, end, (2,) * (depth + 1))
 
 
-def solve(model, objective, args):
-    """Gradient flow of one 2×2 run with the stiff-capable solver, to `args.loss_tol`."""
-    return flow(model, objective, t1=args.t1, loss_tol=args.loss_tol, observers=am.RC_OBSERVERS,
-                save_times=np.concatenate([[0.0], np.geomspace(1e-2, args.t1, 1200)]),
-                solver=RosenbrockW(DenseHessian(), refresh_every=1), rtol=args.rtol,
+def solve(model, objective, config: Config):
+    """Gradient flow of one 2×2 run with the stiff-capable solver, to `config.loss_tol`."""
+    return flow(model, objective, t1=config.t1, loss_tol=config.loss_tol, observers=am.RC_OBSERVERS,
+                save_times=np.concatenate([[0.0], np.geomspace(1e-2, config.t1, 1200)]),
+                solver=RosenbrockW(DenseHessian(), refresh_every=1), rtol=config.rtol,
                 max_steps=400_000)
 
 
@@ -106,33 +126,37 @@ def _summary(tr, m: dict) -> dict:
     }
 
 
-def run(args, out: Path, progress: bool = True) -> dict:
-    key = jr.key(args.seed)
+def run(config: Config, out: Path | None = None, progress: bool = False) -> dict:
+    """Solve the unperturbed runs (one per depth) and the perturbed ones (one per eps);
+    return the summary (and, given a folder `out`, write the figure and `summary.json`
+    there)."""
+    key = jr.key(config.seed)
     results = {"unperturbed": {}, "perturbed": {}}
     curves = {"unperturbed": {}, "perturbed": {}}
-    for depth in args.depths:
-        tr = solve(initial_model(key, depth, args.scale, +1, args.init), problem(), args)
+    for depth in config.depths:
+        tr = solve(initial_model(key, depth, config.scale, +1, config.init), problem(), config)
         curves["unperturbed"][depth] = m = am.rc_measures(tr)
         results["unperturbed"][f"depth{depth}"] = _summary(tr, m)
         if progress:
             print(f"[{NAME}] depth {depth}: {json.dumps(results['unperturbed'][f'depth{depth}'])}",
                   flush=True)
-    z, z2 = args.z
+    z, z2 = config.z
     sign = int(np.sign(z * z2))
-    for eps in args.eps:
-        model = initial_model(key, args.perturbed_depth, args.scale, sign, args.init)
-        tr = solve(model, problem(z, z2, eps), args)
+    for eps in config.eps:
+        model = initial_model(key, config.perturbed_depth, config.scale, sign, config.init)
+        tr = solve(model, problem(z, z2, eps), config)
         curves["perturbed"][eps] = m = am.rc_measures(tr, z, z2, eps)
         results["perturbed"][f"eps{eps:g}"] = _summary(tr, m) | {
             "abs_z_z2_over_eps": abs(z * z2 / eps) if eps else None}
         if progress:
             print(f"[{NAME}] eps {eps:g}: {json.dumps(results['perturbed'][f'eps{eps:g}'])}",
                   flush=True)
-    _figure(curves, args, out / f"{NAME}.png")
-    (out / "summary.json").write_text(json.dumps(
-        {"experiment": NAME, "config": vars(args) | {"out": str(out)}, "results": results},
-        indent=2, default=str))
-    return results
+    summary = {"experiment": NAME, "config": dataclasses.asdict(config), "results": results}
+    if out is not None:
+        out = output(out)
+        _figure(curves, config, out / f"{NAME}.png")
+        write_summary(out, summary | {"config": summary["config"] | {"out": str(out)}})
+    return summary
 
 
 def _loss_axis(ax):
@@ -152,7 +176,7 @@ def _plot_kept(ax, m, y, **kw):
         ax.plot(m["loss"][first:], y[first:], ls=":", color=line.get_color())
 
 
-def _figure(curves, args, path):
+def _figure(curves, config, path):
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
     for i, (depth, m) in enumerate(curves["unperturbed"].items()):
         color = f"C{i}"
@@ -168,7 +192,7 @@ def _figure(curves, args, path):
     axes[0, 0].set_title("norms → ∞ (thin: |w11|, thick: nuclear norm)")
     axes[0, 1].set_title("σ_min → 0")
     axes[0, 2].set_title("rank-subopt = max(σ_min, erank − 1)")
-    z, z2 = args.z
+    z, z2 = config.z
     colors = plt.cm.plasma(np.linspace(0, 0.85, max(len(curves["perturbed"]), 1)))
     for c, (eps, m) in zip(colors, curves["perturbed"].items()):
         _plot_kept(axes[1, 0], m, m["abs_w11"], color=c, label=f"ε = {eps:g}")

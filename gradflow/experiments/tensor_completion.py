@@ -39,7 +39,6 @@ takes 3-5x fewer steps at an integration error far below these errors.
 """
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -55,7 +54,8 @@ from ..analysis import convex
 from ..analysis import cp as acp
 from ..models.cp import CP
 from ..objectives import Completion
-from ._config import check, setting
+from ._config import (check, check_int, check_number, check_numbers, check_rtol, output, setting,
+                      write_summary)
 
 NAME = "tensor-completion"
 
@@ -95,19 +95,19 @@ class Config:
               "truth_ranks", "one or more ints >= 1", self.truth_ranks)
         check(len(self.observations) >= 1 and all(1 <= m <= size for m in self.observations),
               "observations", f"one or more ints in [1, {size}] (dim^order)", self.observations)
-        check(len(self.stds) >= 1 and all(s > 0 for s in self.stds), "stds",
-              "one or more positive numbers", self.stds)
+        check_numbers(self, "stds")
         check(self.seeds >= 1, "seeds", "an int >= 1", self.seeds)
         check(self.components is None or self.components >= 1, "components",
               "an int >= 1 (or unset)", self.components)
         check(0 < self.loss_drop < 1, "loss_drop", "in (0, 1)", self.loss_drop)
         check(0 < self.rank_tol < 1, "rank_tol", "in (0, 1)", self.rank_tol)
         check(self.max_rank >= 1, "max_rank", "an int >= 1", self.max_rank)
-        check(self.t1 > 0, "t1", "> 0", self.t1)
-        check(0 < self.rtol < 1, "rtol", "in (0, 1)", self.rtol)
+        check_number(self, "t1")
+        check_rtol(self)
         check(self.max_steps >= 1, "max_steps", "an int >= 1", self.max_steps)
         check(self.chunk_size >= 1, "chunk_size", "an int >= 1", self.chunk_size)
         check(self.solver in ("default", "tsit5"), "solver", "'default' or 'tsit5'", self.solver)
+        check_int(self, "seed", 0)
 
     @property
     def dims(self) -> tuple[int, ...]:
@@ -156,7 +156,23 @@ def problem(config: Config):
     return build
 
 
+def _model(t, model, objective):
+    return model
+
+
+def sweep_tag(config: Config) -> dict:
+    """What identifies the flows of `config` in its sweep folder beyond the sweep's own
+    settings (grid, stops, tolerances, solver): the problem's shape, R and base seed.
+    The rank-estimation settings are not in it, so a re-run with another `rank_tol`
+    or `max_rank` reuses the flows."""
+    return {"experiment": NAME, "order": config.order, "dim": config.dim,
+            "components": config.num_components, "seed": config.seed}
+
+
 def run(config: Config, out: Path | None = None, progress: bool = False) -> dict:
+    """Solve every member of `config`'s grid and estimate the ranks; return the summary
+    (and, given a folder `out`, write the figure and `summary.json` there, and the
+    sweep's chunks to `out/sweep`, from which an interrupted run resumes)."""
     say = (lambda line: print(f"[{NAME}] {line}", flush=True)) if progress else (lambda _: None)
     dims, top, m_max = config.dims, max(config.truth_ranks), max(config.observations)
     grid = {"truth_rank": np.asarray(config.truth_ranks),
@@ -169,11 +185,15 @@ def run(config: Config, out: Path | None = None, progress: bool = False) -> dict
         f"{len(config.observations)} observation counts x stds {list(config.stds)} x "
         f"{config.seeds} seeds), one compiled sweep")
     start = time.perf_counter()
+    # With a folder, every finished chunk of flows is written to out/sweep, and a run
+    # interrupted and started again resumes from there (the tag refuses a folder
+    # holding the flows of another problem).
     result = sweep(problem(config), grid, t1=config.t1, loss_drop=config.loss_drop,
                    rtol=config.rtol, max_steps=config.max_steps, save_times=[0.0],
-                   observers={"model": lambda t, m, o: m}, chunk_size=config.chunk_size,
+                   observers={"model": _model}, chunk_size=config.chunk_size,
                    order_by="scale", progress=progress,
-                   solver=dfx.Tsit5() if config.solver == "tsit5" else None)
+                   solver=dfx.Tsit5() if config.solver == "tsit5" else None,
+                   out=None if out is None else Path(out) / "sweep", tag=sweep_tag(config))
     flow_wall = time.perf_counter() - start
     say(f"flows done in {flow_wall:.1f}s ({int(result.steps.sum())} steps; statuses "
         f"{dict(zip(*np.unique(result.status, return_counts=True)))})")
@@ -237,10 +257,9 @@ def run(config: Config, out: Path | None = None, progress: bool = False) -> dict
         "linear_baseline": baseline,
     }
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
+        out = output(out)
         _figure(config, table, out / f"{NAME}.png")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        write_summary(out, summary)
     return summary
 
 
