@@ -6,7 +6,9 @@ An experiment takes part by defining `sweep_setup(config) -> dict` (`config` its
 α^-(N-2): the degree of the end tensor in the weights — a CP's order, a deep matrix's
 depth, an HTF's number of weight matrices), and any [`gradflow.sweep`][] settings
 (`t1`, `loss_drop`, `rtol`, `save_times`, `observers` with `component_norms` and
-optionally `reconstruction_error`).
+optionally `reconstruction_error`). The sweep's folder is tagged with the `Config`'s
+fields (or `sweep_tag(config)`, where the experiment defines it), so that a re-run
+resumes only the same problem.
 """
 
 import dataclasses
@@ -152,9 +154,10 @@ def run(module, config, out: Path, *, scales, seeds: int, chunk_size: int,
     problem, order = setup.pop("problem"), setup.pop("order")
     scales = parse_scales(scales) if isinstance(scales, str) else np.asarray(scales, float)
     grid = {"scale": scales, "seed": np.arange(seeds)}
+    settings = (module.sweep_tag(config) if hasattr(module, "sweep_tag")
+                else dataclasses.asdict(config))
     tag = {"experiment": module.NAME} | {
-        k: v for k, v in dataclasses.asdict(config).items()
-        if k not in ("scales", "seeds", "chunk_size")}
+        k: v for k, v in settings.items() if k not in ("scales", "seeds", "chunk_size")}
     result = sweep(problem, grid, out=out, chunk_size=chunk_size, order_by="scale",
                    tag=json.loads(json.dumps(tag, default=str)), progress=progress, **setup)
     summary = summarize(result, order)

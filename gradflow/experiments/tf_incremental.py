@@ -189,6 +189,12 @@ def _figure(trajectories, x, path, variant="CP tensor completion"):
     plotting.save(fig, path)
 
 
+def sweep_tag(config: Config) -> dict:
+    """What identifies this experiment's sweep in its folder: the settings, with R
+    resolved (the default and `--components 1000` are the same problem at 10^4)."""
+    return dataclasses.asdict(config) | {"components": config.num_components}
+
+
 def sweep_setup(config: Config) -> dict:
     """This experiment's problem for `gradflow sweep`: CP init std = the sweep's scale
     (`stds` is not used)."""
