@@ -39,6 +39,7 @@ import numpy as np
 
 from .. import _solve
 from .. import observers as _observers
+from . import _cache
 from .._flow import FlowError, default_save_times, flow, gradient_evaluations
 from .._status import Status
 from ..trajectory import Trajectory
@@ -237,6 +238,7 @@ class _Solve:
     problem: Any = None
     save_ts: Any = None
     observers: Any = None
+    observer_key: Any = None
     trajectory: Trajectory | None = None
     error: str | None = None
     seconds: float = 0.0
@@ -338,8 +340,11 @@ def _prepare(case: Case, owner: _Instance) -> _Solve:
     observers = {name: _canonical(fn) for name, fn in
                  _observers.resolve(kwargs.get("observers")).items()}
     try:
-        solve.signature = _signature(problem, observers, save_times.shape)
+        solve.signature = _signature(problem, save_times.shape)
+        solve.observer_key = tuple((n, _function_key(f)) for n, f in observers.items())
+        hash(solve.observer_key)
     except TypeError:  # something unhashable in the structure: solve it alone
+        solve.signature = None
         return solve
     solve.problem = problem
     solve.save_ts = np.asarray(save_times, problem.time_dtype)
@@ -372,27 +377,34 @@ def _canonical(fn):
     return _CANONICAL.setdefault(key, fn) if key[0] == "code" else fn
 
 
-def _signature(problem, observers, save_shape):
+def _signature(problem, save_shape):
+    """What the batched solve program of `problem` depends on: its structure, its static
+    values, the shapes of its arrays and the number of save times (not the observers:
+    they are evaluated by a program of their own, so solves that observe different
+    things share their solve)."""
     leaves, treedef = jax.tree.flatten(problem)
     shapes = tuple(("array", np.shape(x), str(x.dtype)) if eqx.is_array(x)
                    else ("value", type(x), x) for x in leaves)
-    signature = (treedef, shapes, tuple((n, _function_key(f)) for n, f in observers.items()),
-                 save_shape)
+    signature = (treedef, shapes, save_shape)
     hash(signature)
     return signature
 
 
 _TRACES = [0]
+_LOADED = [0]
 _ALONE = [0]
 
 
 def compiled_programs() -> dict:
-    """What this process has compiled for verify so far: `batched`, the batched solve
-    programs traced (one per shape and batch size; with JAX's persistent compilation
-    cache a traced program may be loaded instead of compiled), and `alone`, the solves
-    run one at a time with [`gradflow.flow`][] (a check whose solves cannot be
-    batched, or the members of a batch that failed)."""
-    return {"batched": _TRACES[0], "alone": _ALONE[0]}
+    """What this process has built for verify so far: `traced`, the batched programs
+    traced (a solve program per solve shape and batch size, an observer program per
+    shape, observers and batch size); `loaded`, those loaded instead from the programs
+    kept on disk by an earlier run (`gradflow.verify._cache`: no tracing, and the
+    compiled executable from JAX's persistent compilation cache); `batched`, their sum;
+    and `alone`, the solves run one at a time with [`gradflow.flow`][] (a check whose
+    solves cannot be batched, or a member of a batch that did not finish)."""
+    return {"batched": _TRACES[0] + _LOADED[0], "traced": _TRACES[0], "loaded": _LOADED[0],
+            "alone": _ALONE[0]}
 
 
 def _state(t, model, objective):
@@ -409,18 +421,18 @@ lowest backend optimization level compiles them about 40% faster for a run time 
 stays far below the compile time."""
 
 _PROGRAMS: dict = {}
+"""The batched programs built in this process: `(kind, signature, ..., batch size)` ->
+`(callable on a flat list of arrays, its entry name on disk or None, loaded)`."""
 
 
-def _programs(signature, static, observers):
-    """The two jitted programs of a solve shape: the vmapped solve, which saves the
-    state (the model) at the save times and at the end, and the vmapped observers,
-    evaluated afterwards on every saved state (kept out of the solve loop, they are
-    compiled once instead of once per save site, and the solve program stays small).
-    Each is compiled once per batch size."""
-    if signature in _PROGRAMS:
-        return _PROGRAMS[signature]
+def _solve_function(static, dyn_treedef):
+    """The vmapped solve of a shape on flat inputs (the dynamic leaves of the stacked
+    problems, then the save times): it saves the state (the model) at the save times
+    and at the end, and returns builtin containers of arrays (so that it can be
+    exported): the saved states' and the final model's leaves, times, status, stats."""
+    n = dyn_treedef.num_leaves
 
-    def solve(dynamic, save_ts):
+    def solve(args):
         _TRACES[0] += 1
 
         def one(dyn, ts):
@@ -428,60 +440,161 @@ def _programs(signature, static, observers):
             (saved, final), saved_ts = out.observed, out.observed_ts[0]
             states = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), saved["state"],
                                   final["state"])
-            return dict(states=states, saved_ts=saved_ts, t=out.t, model=out.model,
-                        status=out.status, stats=out.stats)
+            return dict(states=jax.tree.leaves(states), saved_ts=saved_ts, t=out.t,
+                        model=jax.tree.leaves(out.model), status=out.status,
+                        stats=dict(out.stats))
 
-        return jax.vmap(one)(dynamic, save_ts)
+        return jax.vmap(one)(jax.tree.unflatten(dyn_treedef, args[:n]), args[n])
 
-    def observe(states, ts, dynamic):
+    return solve
+
+
+def _observe_function(static, dyn_treedef, model_treedef, observers):
+    """The vmapped observers of a shape on flat inputs (the saved states' leaves, their
+    times, the dynamic leaves of the problems), evaluated on every saved state (kept out
+    of the solve loop, they are compiled once instead of once per save site, and the
+    solve program stays small)."""
+    m = model_treedef.num_leaves
+
+    def observe(args):
         _TRACES[0] += 1
+        states = jax.tree.unflatten(model_treedef, args[:m])
+        dynamic = jax.tree.unflatten(dyn_treedef, args[m + 1:])
 
         def one(models, times, dyn):
             objective = eqx.combine(dyn, static).objective
-            return jax.vmap(lambda m, t: {n: fn(t, m, objective)
-                                          for n, fn in observers.items()})(models, times)
+            return jax.vmap(lambda mod, t: {n: fn(t, mod, objective)
+                                            for n, fn in observers.items()})(models, times)
 
-        return jax.vmap(one)(states, ts, dynamic)
+        return jax.vmap(one)(states, args[m], dynamic)
 
-    programs = (jax.jit(solve, compiler_options=COMPILER_OPTIONS),
-                jax.jit(observe, compiler_options=COMPILER_OPTIONS))
-    _PROGRAMS[signature] = programs
-    return programs
+    return observe
+
+
+def _avals(args) -> list:
+    return [[list(np.shape(x)), str(x.dtype)] for x in args]
+
+
+def _build(name, describe, function, args, use_disk=True):
+    """The program `name`: already built, loaded from disk, or traced (and then exported
+    and kept on disk when the folder of `_cache` is set and its key can be written)."""
+    if name in _PROGRAMS:
+        return _PROGRAMS[name], False
+    entry = None
+    if _cache.directory() is not None:
+        try:
+            entry = _cache.key(describe())
+        except _cache.Uncacheable:
+            entry = None
+    exported = _cache.load(entry) if entry is not None and use_disk else None
+    if exported is not None:
+        _LOADED[0] += 1
+        program = (jax.jit(exported.call, compiler_options=COMPILER_OPTIONS), entry, True)
+    elif entry is not None:
+        with _cache.errors_as_nan():
+            try:
+                exported = jax.export.export(jax.jit(function))(args)
+            except Exception:  # not exportable (a host callback): an ordinary program
+                exported = None
+        if exported is not None:
+            try:  # run what a later run will load, so that its compiled program is cached
+                data = _cache.encode(exported)
+                exported = _cache.decode(data)
+                _cache.store(entry, data)
+            except Exception:  # an output that cannot be written down: keep it in memory
+                pass
+            program = (jax.jit(exported.call, compiler_options=COMPILER_OPTIONS), None, False)
+        else:
+            program = (jax.jit(function, compiler_options=COMPILER_OPTIONS), None, False)
+    else:
+        program = (jax.jit(function, compiler_options=COMPILER_OPTIONS), None, False)
+    _PROGRAMS[name] = program
+    return program, True
+
+
+def _call(name, describe, function, args):
+    """Run the program `name` on `args`; `(outputs, whether it was built now)`. A
+    program loaded from disk that does not run is discarded and traced again."""
+    (program, entry, loaded), built = _build(name, describe, function, args)
+    try:
+        with _cache.errors_as_nan():
+            return jax.device_get(program(args)), built
+    except Exception:
+        if not loaded:
+            raise
+    _cache.discard(entry)
+    _PROGRAMS.pop(name, None)
+    (program, _, _), _ = _build(name, describe, function, args, use_disk=False)
+    with _cache.errors_as_nan():
+        return jax.device_get(program(args)), True
 
 
 def _solve_group(group: list[_Solve]) -> bool:
-    """Integrate every pending solve of a group, in chunks; whether it compiled."""
+    """Integrate every pending solve of a group, in chunks; whether a program was built
+    (traced or loaded) for it."""
     todo = [s for s in group if s.trajectory is None and s.error is None]
     size = min(len(todo), CHUNK)
-    traces = _TRACES[0]
+    built = False
     for i in range(0, len(todo), size):
         chunk = todo[i:i + size]
         members = chunk + [chunk[j % len(chunk)] for j in range(size - len(chunk))]
         start = time.perf_counter()
         try:
-            parts = [eqx.partition(s.problem, eqx.is_array) for s in members]
-            dynamic = jax.tree.map(lambda *xs: jnp.stack(xs), *[p[0] for p in parts])
-            solve, observe = _programs(chunk[0].signature, parts[0][1], chunk[0].observers)
-            out = solve(dynamic, jnp.asarray(np.stack([s.save_ts for s in members])))
-            times = jnp.concatenate([out["saved_ts"], out["t"][:, None]], axis=1)
-            observed = observe(out.pop("states"), times, dynamic)
-            out = jax.device_get(out)
-            observed = jax.device_get(observed)
+            out, observed, new = _solve_chunk(chunk[0].signature, members)
+            built |= new
         except Exception:  # a member that cannot run: solve each alone, to name it
             for s in chunk:
                 _solve_alone(s)
             continue
-        out["saved"] = jax.tree.map(lambda x: x[:, :-1], observed)
-        out["final"] = jax.tree.map(lambda x: x[:, -1:], observed)
         share = (time.perf_counter() - start) / len(chunk)
         for j, s in enumerate(chunk):
             s.seconds += share
             s.owner.seconds += share
+            if int(out["status"][j]) == Status.NON_FINITE:
+                # maybe a failed runtime check (NaN inside the batch): `flow` names it
+                _solve_alone(s)
+                continue
             try:
-                s.trajectory = _trajectory(out, j, s, len(chunk), share)
+                s.trajectory = _trajectory(out, observed[s.observer_key], j, s, len(chunk),
+                                           share)
             except Exception as error:  # FlowError: a member that did not finish
                 s.error = _error_text(error)
-    return _TRACES[0] > traces
+    return built
+
+
+def _solve_chunk(signature, members):
+    """Solve `members` (one signature) with the batched programs: the solve's outputs
+    and, per observer key, the observations at the save times and at the end."""
+    parts = [eqx.partition(s.problem, eqx.is_array) for s in members]
+    static = parts[0][1]
+    dyn_leaves, dyn_treedef = jax.tree.flatten(
+        jax.tree.map(lambda *xs: jnp.stack(xs), *[p[0] for p in parts]))
+    model_treedef = jax.tree.structure(members[0].problem.model)
+    save_ts = jnp.asarray(np.stack([s.save_ts for s in members]))
+    size = len(members)
+    args = [*dyn_leaves, save_ts]
+    describe = lambda: ["solve", _cache.render(static), _avals(args)]
+    out, built = _call(("solve", signature, size), describe,
+                       _solve_function(static, dyn_treedef), args)
+    if len(out["model"]) != model_treedef.num_leaves:
+        raise RuntimeError("the solve program's model does not match the problem's")
+    out["model"] = jax.tree.unflatten(model_treedef, out["model"])
+    times = np.concatenate([out["saved_ts"], out["t"][:, None]], axis=1)
+    observed = {}
+    for s in members:
+        if s.observer_key in observed:
+            continue
+        args = [*out["states"], jnp.asarray(times), *dyn_leaves]
+        describe = lambda s=s, args=args: [
+            "observe", _cache.render(static), _avals(args),
+            [[n, _cache.render(f)] for n, f in s.observers.items()]]
+        values, new = _call(("observe", signature, s.observer_key, size), describe,
+                            _observe_function(static, dyn_treedef, model_treedef, s.observers),
+                            args)
+        built |= new
+        observed[s.observer_key] = dict(saved=jax.tree.map(lambda x: x[:, :-1], values),
+                                        final=jax.tree.map(lambda x: x[:, -1:], values))
+    return out, observed, built
 
 
 def _solve_alone(solve: _Solve) -> None:
@@ -495,11 +608,12 @@ def _solve_alone(solve: _Solve) -> None:
     solve.owner.seconds += time.perf_counter() - start
 
 
-def _trajectory(out, j, solve: _Solve, batch: int, wall: float) -> Trajectory:
+def _trajectory(out, observed, j, solve: _Solve, batch: int, wall: float) -> Trajectory:
     """Member `j` of a batched solve as the [`gradflow.Trajectory`][] `flow` returns."""
     row = lambda tree: jax.tree.map(lambda x: np.asarray(x[j]), tree)
     problem, kwargs = solve.problem, solve.case.flow
-    saved, final, saved_ts = row(out["saved"]), row(out["final"]), row(out["saved_ts"])
+    saved, final = row(observed["saved"]), row(observed["final"])
+    saved_ts = row(out["saved_ts"])
     t_final = float(out["t"][j])
     keep = saved_ts <= t_final
     saved_ts = saved_ts[keep]
