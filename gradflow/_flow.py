@@ -21,6 +21,7 @@ from . import _solve
 from . import observers as _observers
 from ._progress import LogTimeProgressMeter
 from ._status import LABELS, Status
+from ._validate import check_int, check_positive_number, runtime_message
 from .models.base import AbstractFactorization
 from .objectives import AbstractObjective
 from .trajectory import Trajectory
@@ -64,7 +65,12 @@ def default_save_times(t1: float, num: int = 256) -> np.ndarray:
     **Returns:** a NumPy array of `num` times: 0, then `num - 1` geometrically spaced
     times from `t1`·1e-8 to `t1` (the escapes from a small init happen on a
     logarithmic time scale).
+
+    **Raises:** `ValueError`/`TypeError` naming `t1` (not a finite number > 0) or
+    `num` (not an int >= 1).
     """
+    t1 = check_positive_number("t1", t1)
+    num = check_int("num", num)
     return np.concatenate([[0.0], np.geomspace(t1 * 1e-8, t1, num - 1)])
 
 
@@ -128,7 +134,7 @@ def flow(
                            max_steps=max_steps)
     save_times = _solve.check_save_times(
         default_save_times(float(t1)) if save_times is None else save_times, t1)
-    observers = _observers.resolve(observers)
+    observers = _observers.resolve(observers, problem.model, problem.objective)
     meter = None
     if progress:
         meter = LogTimeProgressMeter(float(t1), float(save_times[1] if save_times.size > 1
@@ -138,7 +144,7 @@ def flow(
         out = _observed(problem, jnp.asarray(save_times, problem.time_dtype), observers, meter)
         jax.block_until_ready(out)
     except eqx.EquinoxRuntimeError as error:  # a check of the inputs, run in the solve
-        raise ValueError(_input_error(error)) from None
+        raise ValueError(runtime_message(error)) from None
     wall = time.perf_counter() - start
 
     (saved, final), (saved_ts, _) = out.observed, out.observed_ts
@@ -214,12 +220,6 @@ def gradient_evaluations(solver, stats) -> int | None:
 @eqx.filter_jit
 def _observed(problem, save_ts, observers, meter):
     return _solve.run(problem, save_ts, observers, progress=meter)
-
-
-def _input_error(error: Exception) -> str:
-    text = str(error)
-    first = next((line for line in text.splitlines() if "`" in line), text)
-    return first.strip()
 
 
 STATUSES = LABELS

@@ -8,6 +8,7 @@ into an `equinox.error_if` at run time, so they are never skipped silently.
 
 import math
 import numbers
+import os
 
 import equinox as eqx
 import jax
@@ -37,9 +38,16 @@ def enforce(tree, pending):
 
 
 def check_finite(name: str, x) -> list[Pending]:
+    """`x` (a number or array) real and finite."""
+    if isinstance(x, (str, bytes)) or x is None:
+        raise ArgumentTypeError(f"`{name}` must be real numbers, got {x!r}.")
     arr = concrete(x)
     if arr is None:
         return [Pending(jnp.all(jnp.isfinite(x)), f"`{name}` must be finite.")]
+    if np.iscomplexobj(arr):
+        raise ArgumentTypeError(f"`{name}` must be real, got complex values (dtype {arr.dtype}).")
+    if arr.dtype != bool and not np.issubdtype(arr.dtype, np.number):
+        raise ArgumentTypeError(f"`{name}` must be real numbers, got dtype {arr.dtype}.")
     if not np.all(np.isfinite(arr)):
         bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
         raise ValueError(f"`{name}` must be finite; it has {bad} non-finite value(s).")
@@ -103,7 +111,24 @@ def check_dims(name: str, dims, *, min_len: int = 1) -> tuple[int, ...]:
 
 
 def check_float_dtype(name: str, tree) -> jnp.dtype:
-    """The one real floating dtype of every array in `tree` (weights, values)."""
+    """The one real floating dtype of every array in `tree` (weights, values), or
+    `tree` itself when it is a dtype (a constructor's `dtype` argument): float32 or
+    float64, else a `TypeError` naming `name`."""
+    if _is_dtype_like(tree):
+        try:
+            dtype = jnp.dtype(tree)
+        except TypeError:
+            raise ArgumentTypeError(
+                f"`{name}` must be a floating-point dtype (jnp.float64 or jnp.float32), "
+                f"got {tree!r}.") from None
+        if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
+            raise ArgumentTypeError(
+                f"`{name}` must be a real floating-point dtype (jnp.float64 or jnp.float32), "
+                f"got {dtype}.")
+        return dtype
+    if tree is None:
+        raise ArgumentTypeError(f"`{name}` must be float32 or float64 (a dtype, or arrays of "
+                                "one), got None.")
     leaves = [x for x in jax.tree.leaves(tree) if eqx.is_array(x)]
     if not leaves:
         raise ValueError(f"`{name}` has no arrays.")
@@ -128,6 +153,83 @@ def check_nonempty(name: str, tree) -> None:
     for x in jax.tree.leaves(tree):
         if eqx.is_array(x) and math.prod(x.shape) == 0:
             raise ValueError(f"`{name}` has an empty weight array (shape {tuple(x.shape)}).")
+
+
+def _is_dtype_like(x) -> bool:
+    return isinstance(x, (str, type, np.dtype))
+
+
+def check_positive_number(name: str, x, *, allow_zero: bool = False) -> float:
+    """A concrete, finite number > 0 (>= 0 with `allow_zero`), as a float (a verdict's
+    tolerance, the `rtol` it is derived from, the `t1` of NumPy save times)."""
+    if concrete(x) is None:
+        raise ArgumentTypeError(f"`{name}` must be a concrete number, not a traced value.")
+    check_positive(name, x, allow_zero=allow_zero, scalar=True)
+    return float(np.asarray(x))
+
+
+def check_saved(name: str, x, shape: str, *, ndim: int | None = None,
+                nonempty: tuple = ()) -> np.ndarray:
+    """Values saved along a trajectory (a verdict's input) as a real NumPy array of
+    `ndim` axes (any number, at least one value, when None) described by `shape`
+    (e.g. `"(T, N, R)"`), with at least one save and no empty axis among `nonempty`.
+    float32 stays float32 (a verdict's default tolerance follows the dtype); other
+    real numbers become float64."""
+    if isinstance(x, (str, bytes)) or x is None:
+        raise ArgumentTypeError(f"`{name}` must be an array of shape {shape}, got {x!r}.")
+    try:
+        arr = np.asarray(x)
+    except (TypeError, ValueError) as error:  # ragged lists
+        raise ValueError(f"`{name}` must be an array of shape {shape}: {error}") from None
+    if np.iscomplexobj(arr):
+        raise ArgumentTypeError(f"`{name}` must be real, got dtype {arr.dtype}.")
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.number):
+        raise ArgumentTypeError(f"`{name}` must be an array of numbers of shape {shape}, got "
+                                f"dtype {arr.dtype}.")
+    if ndim is None:
+        arr = np.atleast_1d(arr)
+        if arr.size == 0:
+            raise ValueError(f"`{name}` is empty (shape {arr.shape}): a verdict needs at "
+                             "least one value.")
+    elif arr.ndim != ndim:
+        raise ValueError(f"`{name}` must have shape {shape}, got shape {arr.shape}.")
+    elif arr.shape[0] < 1:
+        raise ValueError(f"`{name}` has no saves (shape {arr.shape}); it must have shape "
+                         f"{shape} with T >= 1.")
+    for axis in nonempty:
+        if arr.shape[axis] < 1:
+            raise ValueError(f"`{name}` must have shape {shape} with no empty axis, got shape "
+                             f"{arr.shape}.")
+    return arr if arr.dtype == np.float32 else arr.astype(np.float64)
+
+
+def runtime_message(error: Exception, names: dict | None = None) -> str:
+    """The short message of a failed run-time check (an `equinox.EquinoxRuntimeError`,
+    whose text is long: the check's message, then Equinox's advice), with each
+    `` `name` `` of `names` renamed (a sweep's grid axis: `` `grid['rtol']` ``)."""
+    text = str(error)
+    first = next((line for line in text.splitlines() if "`" in line), text).strip()
+    first = first.split("EquinoxRuntimeError: ", 1)[-1]
+    for old, new in (names or {}).items():
+        first = first.replace(f"`{old}`", f"`{new}`")
+    return first
+
+
+def check_path(name: str, path, *, kind: str = "file"):
+    """`path` as a `pathlib.Path` that exists and is a `kind` ("file" or "folder")."""
+    from pathlib import Path
+
+    if isinstance(path, bytes) or not isinstance(path, (str, os.PathLike)):
+        raise ArgumentTypeError(f"`{name}` must be a path (str or os.PathLike), got "
+                                f"{type(path).__name__}.")
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"`{name}`: {path} does not exist.")
+    if kind == "file" and not path.is_file():
+        raise ValueError(f"`{name}`: {path} is not a file.")
+    if kind == "folder" and not path.is_dir():
+        raise ValueError(f"`{name}`: {path} is not a folder.")
+    return path
 
 
 def _show(arr: np.ndarray) -> str:

@@ -211,10 +211,14 @@ BY_NAME = {
 DEFAULT = ("loss", "component_norms", "end_norm")
 
 
-def resolve(observers) -> dict:
+def resolve(observers, model=None, objective=None) -> dict:
     """Normalize `observers` (None, names, callables or a dict) to `{name: fn}`.
 
-    The loss is always observed (under the name `"loss"`).
+    The loss is always observed (under the name `"loss"`). Given the `model` (and
+    `objective`) of the solve, every observer is also evaluated on them abstractly
+    (`equinox.filter_eval_shape`: no computation), so that one that does not apply to the model
+    (a CP observer on a `DeepMatrix`, say) is refused when the solve is set up, with
+    a `ValueError` naming `observers` and the model's type.
     """
     if observers is None:
         observers = DEFAULT
@@ -241,4 +245,45 @@ def resolve(observers) -> dict:
             raise TypeError(f"`observers[{name!r}]` must be callable, got {obs!r}.")
         out[str(name)] = obs
     out.setdefault("loss", loss)
+    if model is not None:
+        _check_applies(out, model, objective)
     return out
+
+
+_APPLIES: dict = {}
+"""The (observers, model, objective) signatures already checked by `_check_applies`."""
+
+
+def _signature(tree):
+    """What an abstract evaluation depends on: the structure, shapes and dtypes."""
+    return jax.tree.structure(tree), tuple(
+        (x.shape, x.dtype) if eqx.is_array(x) else x for x in jax.tree.leaves(tree))
+
+
+def _check_applies(observers: dict, model, objective) -> None:
+    """Every observer evaluated abstractly at `(0, model, objective)`; one that fails
+    (`model.vector_norms` of a `DeepMatrix`, ...) is a `ValueError` naming it. A
+    signature that passed is remembered, so repeated solves pay nothing."""
+    try:
+        key = (tuple(observers.items()), _signature(model), _signature(objective))
+        hash(key)
+    except TypeError:  # an unhashable leaf: check every time
+        key = None
+    if key is not None and key in _APPLIES:
+        return
+    leaves = [x for x in jax.tree.leaves(model) if eqx.is_array(x)]
+    t = jnp.zeros((), leaves[0].dtype if leaves else float)
+    kind = type(model).__name__
+    for name, fn in observers.items():
+        try:
+            eqx.filter_eval_shape(fn, t, model, objective)
+        except Exception as error:  # any failure: it cannot observe this model
+            first = str(error).splitlines()[0] if str(error) else ""
+            raise ValueError(
+                f"`observers`: {name!r} does not apply to a {kind} model "
+                f"({type(error).__name__}: {first})."
+            ) from error
+    if key is not None:
+        if len(_APPLIES) >= 256:  # bounded (observers made per call are new keys)
+            _APPLIES.clear()
+        _APPLIES[key] = True

@@ -4,12 +4,14 @@ solve, and verdict tolerances that pass at the default settings and fail when lo
 
 import warnings
 
+import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
 
 import gradflow as gf
 from gradflow.analysis import cp as acp
+from gradflow.analysis import diagonal as ad
 from gradflow.analysis import htf as ah
 from gradflow.analysis import matrix as am
 
@@ -90,3 +92,29 @@ def test_conservation_verdicts_pass_at_default_settings_and_fail_when_loose():
     g = np.asarray(tight["g"])
     expected = np.abs(g[-1] - g[0]).max() / max(tight["s"][0], tight["s"][-1])
     np.testing.assert_allclose(tight.stats["conservation_drift"], expected, rtol=1e-6)
+
+
+def _diagonal(depth):
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((6, 12))
+    y = X @ np.r_[1.0, -2.0, 0.5, np.zeros(9)]
+    return (gf.DiagonalNet.gaussian(jr.key(10 + depth), 12, 0.3, depth=depth),
+            gf.Sensing(jnp.asarray(X), jnp.asarray(y)))
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_diagonal_conservation_verdict_is_tied_to_the_solve_accuracy(depth):
+    # Its tolerance was a fixed 1e-9; now drift_tolerance(rtol, dtype), as for CP/DMF/HTF.
+    model, objective = _diagonal(depth)
+    observers = {"c": lambda t, m, o: ad.invariants(m)}
+    tight = gf.flow(model, objective, t1=1e9, loss_drop=1e-4, observers=observers)
+    verdict = ad.conservation_verdict(tight["c"])
+    assert verdict.passed and verdict.tolerance == 100 * 1e-8
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gf.AccuracyWarning)
+        loose = gf.flow(model, objective, t1=1e9, loss_drop=1e-4, observers=observers,
+                        rtol=1e-3)
+    assert not ad.conservation_verdict(loose["c"]).passed
+    # judged by its own accuracy, the loose run is what rtol 1e-3 promises
+    assert ad.conservation_verdict(loose["c"], rtol=loose.config["rtol"]).passed
+    assert ad.conservation_verdict(np.asarray(tight["c"], np.float32)).tolerance == 100 * 1e-5

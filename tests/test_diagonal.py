@@ -4,6 +4,7 @@
 
 import dataclasses
 import json
+import math
 
 import diffrax as dfx
 import equinox as eqx
@@ -197,6 +198,19 @@ def test_minimiser_interpolates_between_l2_and_l1(data):
     np.testing.assert_allclose(l1, truth, atol=1e-10)  # here min-l1 recovers the truth
     distances = ad.interpolator_distances(ad.min_potential_interpolator(X, y, 1.0), X, y, 1.0)
     assert distances["potential"] < 1e-12 and distances["l2"] < distances["l1"]
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_flow_limit_counts_its_newton_steps(data, depth):
+    X, y, *_ = data
+    result = ad.flow_limit(X, y, 0.1, depth=depth)
+    assert result.converged and 0 < result.iterations < 500  # was always 0
+    capped = ad.flow_limit(X, y, 0.1, depth=depth, max_iterations=2)
+    assert capped.iterations == 2 and not capped.converged
+    for name, kw in (("max_iterations", dict(max_iterations=0)), ("tol", dict(tol=-1.0)),
+                     ("accept", dict(accept=math.nan))):
+        with pytest.raises((ValueError, TypeError), match=f"`{name}`"):
+            ad.flow_limit(X, y, 0.1, depth=depth, **kw)
 
 
 def test_analysis_bad_input(data):

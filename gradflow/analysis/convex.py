@@ -88,7 +88,7 @@ def min_nuclear_norm(
     if len(objective.shape) != 2:
         raise ValueError(f"`objective` must observe a matrix (order 2), got shape "
                          f"{objective.shape}.")
-    check_positive("tol", tol, below=1)
+    check_positive("tol", tol, below=1, scalar=True)
     max_iters = check_int("max_iters", max_iters)
     mask, observed = _observed(objective)
     if not float(jnp.max(jnp.abs(observed))) > 0:

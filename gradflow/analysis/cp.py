@@ -15,9 +15,9 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
 from .. import observers as _observers
-from .._validate import check_finite, check_int, check_positive
+from .._validate import check_finite, check_int, check_positive, check_saved
 from ..models.cp import CP
-from .verdict import Verdict, drift_tolerance, relative_max
+from .verdict import Verdict, relative_max, verdict_tolerance
 
 
 def squared_norm_gaps(model: CP) -> Float[Array, "N R"]:
@@ -94,13 +94,24 @@ def conservation_verdict(squared_norms, tolerance: float | None = None, *,
 
     The drift of $\|\mathbf w_r^n\|^2-\|\mathbf w_r^1\|^2$ from its initial value,
     relative to the largest squared norm (the scale of its rounding error).
+
+    **Arguments:**
+
+    - `squared_norms`: the saved `vector_norms()**2` (observer
+      `"squared_vector_norms"`), `(T, N, R)`.
+    - `tolerance`: the bound (> 0); by default
+      `gradflow.analysis.verdict.drift_tolerance(rtol, dtype)`,
+      tied to the solve's accuracy and the saves' dtype.
+    - `rtol`: the `rtol` the trajectory was solved at (`trajectory.config["rtol"]`);
+      by default the library's default for the dtype. Give it or `tolerance`.
+
+    **Returns:** a [`gradflow.analysis.Verdict`][].
     """
-    sq = np.asarray(squared_norms)
+    sq = check_saved("squared_norms", squared_norms, "(T, N, R)", ndim=3, nonempty=(1, 2))
+    tolerance = verdict_tolerance(tolerance, rtol, sq.dtype)
     gaps = sq - sq[:, :1, :]
     drift = np.abs(gaps - gaps[0]).max()
-    scale = max(sq.max(), np.finfo(float).tiny)
-    if tolerance is None:
-        tolerance = drift_tolerance(rtol, sq.dtype)
+    scale = max(float(np.abs(sq).max()), np.finfo(float).tiny)
     return Verdict("lemma1_drift", float(drift / scale), tolerance)
 
 
@@ -190,8 +201,8 @@ def _fit(tensor, rank, padded, key, restarts, max_iters, tol, stall) -> ALSFit:
     one compiled program."""
     restarts = check_int("restarts", restarts)
     max_iters = check_int("max_iters", max_iters)
-    check_positive("tol", tol)
-    check_positive("stall", stall)
+    check_positive("tol", tol, scalar=True)
+    check_positive("stall", stall, scalar=True)
     key = jr.key(0) if key is None else key
     norm = jnp.linalg.norm(tensor)
     if not float(norm) > 0:
@@ -252,7 +263,7 @@ def als_tensor_rank(
         ```
     """
     tensor = _dense_tensor(tensor)
-    check_positive("tol", tol)
+    check_positive("tol", tol, scalar=True)
     max_rank = CP.max_rank(tensor.shape) if max_rank is None else check_int("max_rank", max_rank)
     if not float(jnp.linalg.norm(tensor)) > 0:
         return RankEstimate(0, True, ())

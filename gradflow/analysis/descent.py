@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
+from .._validate import check_positive_number
 from ..models.cp import CP
 from ..models.matrix import DeepMatrix
 from ..trajectory import Trajectory
@@ -125,7 +126,10 @@ def convergence_order(step_sizes: ArrayLike, errors: ArrayLike) -> float:
 
 
 def order_verdict(step_sizes, errors, order: float = 1.0, tolerance: float = 0.1) -> Verdict:
-    """Verdict on $|$fitted order − `order`$|$ (see `convergence_order`)."""
+    """Verdict on $|$fitted order − `order`$|$ (see `convergence_order`); `tolerance`
+    a finite number > 0."""
+    tolerance = check_positive_number("tolerance", tolerance)
+    check_positive_number("order", order)
     slope = convergence_order(step_sizes, errors)
     return Verdict("convergence_order", abs(slope - order), tolerance, f"slope {slope:.4f}")
 

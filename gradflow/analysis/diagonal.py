@@ -45,7 +45,8 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from .verdict import Verdict, worst
+from .._validate import check_int, check_positive_number, check_saved
+from .verdict import Verdict, verdict_tolerance, worst
 
 
 # --- conservation ---------------------------------------------------------------------
@@ -68,20 +69,27 @@ def invariants(model) -> np.ndarray:
     return u ** (2 - depth) + v ** (2 - depth)
 
 
-def conservation_verdict(saved, tolerance: float = 1e-9) -> Verdict:
+def conservation_verdict(saved, tolerance: float | None = None, *,
+                         rtol: float | None = None) -> Verdict:
     r"""Drift of the saved invariants, $\max_{t,i}|C_i(t) - C_i(0)| / |C_i(0)|$.
 
     **Arguments:**
 
     - `saved`: the values of [`gradflow.analysis.diagonal.invariants`][] at the save
       times, `(T, d)`.
-    - `tolerance`: the bound.
+    - `tolerance`: the bound (> 0); by default
+      `gradflow.analysis.verdict.drift_tolerance(rtol, dtype)`
+      ($100\times$ `rtol`), tied to the solve's accuracy and the saves' dtype, as for
+      every model's conservation verdict.
+    - `rtol`: the `rtol` the trajectory was solved at (`trajectory.config["rtol"]`);
+      by default the library's default for the dtype (1e-8 for float64, 1e-5 for
+      float32). Give it or `tolerance`.
 
     **Returns:** a [`gradflow.analysis.Verdict`][].
     """
-    saved = np.asarray(saved, dtype=float)
-    if saved.ndim != 2 or saved.shape[0] < 1:
-        raise ValueError(f"`saved` must have shape (T, d), got {saved.shape}.")
+    saved = check_saved("saved", saved, "(T, d)", ndim=2, nonempty=(1,))
+    tolerance = verdict_tolerance(tolerance, rtol, saved.dtype)
+    saved = saved.astype(float)
     ref = np.abs(saved[0])
     scale = np.where(ref > 0, ref, 1.0)
     drift = np.abs(saved - saved[0]) / scale
@@ -295,6 +303,9 @@ def flow_limit(X, y, u0, v0=None, depth: int = 2, *, tol: float = 1e-13,
     """
     X, y = _check_data(X, y)
     depth = _check_depth(depth)
+    tol = check_positive_number("tol", tol)
+    accept = check_positive_number("accept", accept)
+    max_iterations = check_int("max_iterations", max_iterations)
     n, d = X.shape
     u0 = np.broadcast_to(np.asarray(u0, dtype=float), (d,))
     v0 = u0 if v0 is None else np.broadcast_to(np.asarray(v0, dtype=float), (d,))
@@ -320,7 +331,7 @@ def flow_limit(X, y, u0, v0=None, depth: int = 2, *, tol: float = 1e-13,
     residual_at = lambda mu: np.linalg.norm(X @ maps.h(X.T @ mu) - y)
     mu = np.zeros(n)
     best, stalled, it = np.inf, 0, 0
-    for _ in range(1, max_iterations + 1):
+    for _ in range(max_iterations):
         s = X.T @ mu
         grad = X @ maps.h(s) - y
         gnorm = np.linalg.norm(grad)
@@ -353,6 +364,7 @@ def flow_limit(X, y, u0, v0=None, depth: int = 2, *, tol: float = 1e-13,
         if t <= 1e-300:  # no progress possible at this precision
             break
         mu = trial
+        it += 1
     s = X.T @ mu
     beta = maps.h(s)
     residual = float(np.linalg.norm(X @ beta - y) / ynorm)

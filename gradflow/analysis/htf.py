@@ -21,11 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
 
+from .._validate import check_saved
 from ..models.base import AbstractFactorization
 from ..models.htf import HTF
 from .._vector_field import rate_along_flow, vector_field
 from .matrix import EIGEN_CUTOFF, effective_rank
-from .verdict import Verdict, drift_tolerance, relative_max, worst
+from .verdict import Verdict, relative_max, verdict_tolerance, worst
 
 
 def squared_norm_gaps(model: HTF) -> Float[Array, " gaps"]:
@@ -53,12 +54,20 @@ def conservation_verdict(gaps, scales, tolerance: float | None = None, *,
                          rtol: float | None = None) -> Verdict:
     r"""§4.4 along a trajectory (check H1), from saved `squared_norm_gaps` (shape
     `(T, n)`) and `vector_scale` (shape `(T,)`): the drift of the gaps from their
-    initial values, relative to the largest squared vector norm seen."""
-    g = np.asarray(gaps)
+    initial values, relative to the largest squared vector norm seen.
+
+    `tolerance` (> 0) defaults to
+    `gradflow.analysis.verdict.drift_tolerance(rtol, dtype)`, with
+    `rtol` the one the trajectory was solved at (default: the library's default for
+    the dtype); give one of them."""
+    g = check_saved("gaps", gaps, "(T, n)", ndim=2)
+    s = check_saved("scales", scales, "(T,)", ndim=1)
+    if len(s) != len(g):
+        raise ValueError(f"`scales` must have one value per save of `gaps` ({len(g)}), got "
+                         f"{len(s)}.")
+    tolerance = verdict_tolerance(tolerance, rtol, g.dtype)
     drift = np.abs(g - g[0]).max() if g.size else 0.0
-    scale = max(float(np.max(scales)), np.finfo(float).tiny)
-    if tolerance is None:
-        tolerance = drift_tolerance(rtol, g.dtype)
+    scale = max(float(np.max(np.abs(s))), np.finfo(float).tiny)
     return Verdict("htf_gap_drift", float(drift / scale), tolerance)
 
 
@@ -212,7 +221,9 @@ def rank_bound_excess(
 
 
 def rank_bound_verdict(excesses) -> Verdict:
-    """H4 along a trajectory, from saved `rank_bound_excess` values: passes iff none is > 0."""
+    """H4 along a trajectory, from saved `rank_bound_excess` values (shape `(T,)`):
+    passes iff none is > 0."""
+    excesses = check_saved("excesses", excesses, "(T,)", ndim=1)
     return worst("h4_rank_excess", excesses, 0.0)
 
 

@@ -17,10 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
-from .._validate import check_positive
+from .._validate import check_positive, check_saved
 from ..models.matrix import DeepMatrix
 from .._vector_field import rate_along_flow
-from .verdict import Verdict, drift_tolerance, relative_max
+from .verdict import Verdict, relative_max, verdict_tolerance
 
 EIGEN_CUTOFF = 1e-12
 """Eigen/singular values below this fraction of the largest count as zero (§1.4 pitfall)."""
@@ -143,7 +143,7 @@ def effective_rank(matrix: Float[ArrayLike, "a b"]) -> Float[Array, ""]:
 
 def schatten(matrix: Float[ArrayLike, "a b"], p: float) -> Float[Array, ""]:
     r"""Schatten-$p$ norm $(\sum_i\sigma_i^p)^{1/p}$; a quasi-norm for $0<p<1$ (§2.1)."""
-    check_positive("p", p)
+    check_positive("p", p, scalar=True)
     s = _singular_values(matrix)
     return jnp.sum(s**p) ** (1.0 / p)
 
@@ -221,12 +221,20 @@ def balancedness_verdict(imbalances, scales, tolerance: float | None = None, *,
                          rtol: float | None = None) -> Verdict:
     r"""§1.2 along a trajectory, from saved `imbalance_vector` (shape `(T, n)`) and
     `layer_scale` (shape `(T,)`): the drift of the $C_j$ from their initial values,
-    relative to the largest $\|W_j\|_F^2$ seen (the scale of their rounding error)."""
-    c = np.asarray(imbalances)
+    relative to the largest $\|W_j\|_F^2$ seen (the scale of their rounding error).
+
+    `tolerance` (> 0) defaults to
+    `gradflow.analysis.verdict.drift_tolerance(rtol, dtype)`, with
+    `rtol` the one the trajectory was solved at (default: the library's default for
+    the dtype); give one of them."""
+    c = check_saved("imbalances", imbalances, "(T, n)", ndim=2)
+    s = check_saved("scales", scales, "(T,)", ndim=1)
+    if len(s) != len(c):
+        raise ValueError(f"`scales` must have one value per save of `imbalances` ({len(c)}), "
+                         f"got {len(s)}.")
+    tolerance = verdict_tolerance(tolerance, rtol, c.dtype)
     drift = np.abs(c - c[0]).max() if c.size else 0.0
-    scale = max(float(np.max(scales)), np.finfo(float).tiny)
-    if tolerance is None:
-        tolerance = drift_tolerance(rtol, c.dtype)
+    scale = max(float(np.max(np.abs(s))), np.finfo(float).tiny)
     return Verdict("balancedness_drift", float(drift / scale), tolerance)
 
 

@@ -6,12 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._solve import DEFAULT_RTOL
+from .._validate import check_float_dtype, check_positive_number, check_saved
 
 DRIFT_PER_RTOL = 100
 """Conservation verdicts allow a drift of this many `rtol`s by default."""
 
 
-def drift_tolerance(rtol: float | None = None, dtype=jnp.float64) -> float:
+def drift_tolerance(rtol: float | None = None, dtype=np.float64) -> float:
     """The default tolerance of the conservation verdicts: `DRIFT_PER_RTOL` × `rtol`,
     `rtol` by default the library's default for `dtype` (1e-8 for float64, 1e-5 for
     float32). A solve's conserved quantities drift by its accumulated local errors,
@@ -19,10 +20,26 @@ def drift_tolerance(rtol: float | None = None, dtype=jnp.float64) -> float:
     of steps at rtol 1e-10 … 1e-4, so 100 × passes every exact run at that `rtol` and
     fails a run ~100× less accurate (e.g. rtol 1e-4 judged at the default 1e-8).
     Pass the `rtol` a trajectory was solved at (`trajectory.config["rtol"]`) to judge
-    it by its own accuracy."""
+    it by its own accuracy.
+
+    **Raises:** `ValueError`/`TypeError` naming `rtol` (not a finite number > 0) or
+    `dtype` (not float32 or float64)."""
+    dtype = check_float_dtype("dtype", dtype)
     if rtol is None:
-        rtol = DEFAULT_RTOL[jnp.dtype(dtype)]
-    return DRIFT_PER_RTOL * float(rtol)
+        rtol = DEFAULT_RTOL[dtype]
+    return DRIFT_PER_RTOL * check_positive_number("rtol", rtol)
+
+
+def verdict_tolerance(tolerance, rtol, dtype) -> float:
+    """A conservation verdict's tolerance: `tolerance` if given (a finite number > 0),
+    else `drift_tolerance(rtol, dtype)`;
+    giving both is an error (one would be ignored)."""
+    if tolerance is None:
+        return drift_tolerance(rtol, dtype)
+    if rtol is not None:
+        raise ValueError("Give `tolerance` or `rtol`, not both: the tolerance is "
+                         "drift_tolerance(rtol) when `tolerance` is not given.")
+    return check_positive_number("tolerance", tolerance)
 
 
 def relative_max(diff, reference):
@@ -59,9 +76,13 @@ class Verdict:
 
 
 def worst(name: str, values, tolerance: float, detail: str = "") -> Verdict:
-    """Verdict on the largest entry of `values` (NaN counts as a failure)."""
-    arr = np.asarray(values, dtype=float)
-    value = float(np.nanmax(arr)) if arr.size else 0.0
-    if arr.size and np.isnan(arr).any():
+    """Verdict on the largest entry of `values` (NaN counts as a failure).
+
+    **Raises:** `ValueError`/`TypeError` naming `values` (not real numbers, or none)
+    or `tolerance` (not a finite number >= 0)."""
+    tolerance = check_positive_number("tolerance", tolerance, allow_zero=True)
+    arr = check_saved("values", values, "(n, ...)").astype(float)
+    value = float(np.nanmax(arr))
+    if np.isnan(arr).any():
         value = float("nan")
-    return Verdict(name, value, float(tolerance), detail)
+    return Verdict(name, value, tolerance, detail)

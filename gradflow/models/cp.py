@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
-from .._validate import check_dims, check_finite, check_int, check_positive
+from .._validate import check_dims, check_finite, check_float_dtype, check_int, check_positive
 from .base import AbstractAdditiveFactorization
 
 
@@ -148,6 +148,7 @@ class CP(AbstractAdditiveFactorization):
         **Returns:** a `CP` model.
         """
         dims = _check_cp_args(dims, rank)
+        check_float_dtype("dtype", dtype)
         check_positive("std", std, allow_zero=True)
         check_finite("mean", mean)
         keys = jr.split(key, len(dims))
@@ -199,6 +200,7 @@ class CP(AbstractAdditiveFactorization):
         **Returns:** a `CP` model with zero unbalancedness.
         """
         dims = _check_cp_args(dims, rank)
+        check_float_dtype("dtype", dtype)
         check_positive("scale", scale, allow_zero=True)
         scale = jnp.broadcast_to(jnp.asarray(scale, dtype), (rank,))
         keys = jr.split(key, len(dims))

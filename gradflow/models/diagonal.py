@@ -7,7 +7,7 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
-from .._validate import check_int, check_positive, concrete
+from .._validate import check_float_dtype, check_int, check_positive, concrete
 from .base import AbstractAdditiveFactorization
 
 
@@ -164,6 +164,7 @@ class DiagonalNet(AbstractAdditiveFactorization):
         **Returns:** a `DiagonalNet`.
         """
         d = check_int("d", d)
+        check_float_dtype("dtype", dtype)
         check_positive("alpha", alpha)
         if np.ndim(alpha) not in (0, 1) or (np.ndim(alpha) == 1 and np.shape(alpha) != (d,)):
             raise ValueError(f"`alpha` must be a scalar or of shape ({d},), got shape "
@@ -186,6 +187,7 @@ class DiagonalNet(AbstractAdditiveFactorization):
         **Returns:** a `DiagonalNet`.
         """
         d = check_int("d", d)
+        check_float_dtype("dtype", dtype)
         check_positive("std", std)
         k_u, k_v = jr.split(key)
         std = jnp.asarray(std, dtype)

@@ -16,7 +16,7 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
-from .._validate import check_dims, check_positive
+from .._validate import check_dims, check_float_dtype, check_positive
 from .base import AbstractBlockFactorization
 
 PATTERNS = ("adjacent", "interleaved")
@@ -482,6 +482,7 @@ class HTF(AbstractBlockFactorization):
         **Returns:** an `HTF`.
         """
         shapes = _weight_shapes(dims, tree, widths)
+        check_float_dtype("dtype", dtype)
         check_positive("std", std, allow_zero=True)
         std = jnp.asarray(std, dtype)
         keys = jr.split(key, len(shapes))
@@ -515,6 +516,7 @@ class HTF(AbstractBlockFactorization):
         **Returns:** an `HTF` with zero unbalancedness (up to rounding).
         """
         shapes = _weight_shapes(dims, tree, widths)
+        check_float_dtype("dtype", dtype)
         check_positive("scale", scale, allow_zero=True)
         factor = [1.0] * tree.num_nodes  # s_v / scale
         for v in reversed(tree.interior):  # parents before children

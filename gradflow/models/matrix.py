@@ -7,7 +7,7 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
-from .._validate import check_dims, check_finite, check_positive, concrete
+from .._validate import check_dims, check_finite, check_float_dtype, check_positive, concrete
 from .base import AbstractFactorization
 
 
@@ -124,6 +124,7 @@ class DeepMatrix(AbstractFactorization):
         **Returns:** a `DeepMatrix`.
         """
         dims = check_dims("dims", dims, min_len=2)
+        check_float_dtype("dtype", dtype)
         check_positive("std", std, allow_zero=True)
         if det_sign is not None:
             if det_sign not in (1, -1) or isinstance(det_sign, bool):
@@ -172,6 +173,7 @@ class DeepMatrix(AbstractFactorization):
         **Returns:** a `DeepMatrix`.
         """
         dims = check_dims("dims", dims, min_len=2)
+        check_float_dtype("dtype", dtype)
         check_positive("scale", scale, allow_zero=True)
         scale = jnp.asarray(scale, dtype)
         layers = []
@@ -204,6 +206,7 @@ class DeepMatrix(AbstractFactorization):
         **Returns:** a `DeepMatrix`.
         """
         dims = check_dims("dims", dims, min_len=2)
+        check_float_dtype("dtype", dtype)
         check_positive("bound", bound, allow_zero=True)
         bound = jnp.asarray(bound, dtype)
         layers = [
@@ -274,6 +277,7 @@ class DeepMatrix(AbstractFactorization):
         **Returns:** a balanced `DeepMatrix` of depth `len(dims) - 1`.
         """
         dims = check_dims("dims", dims, min_len=2)
+        check_float_dtype("dtype", dtype)
         end_np = concrete(end)
         if end_np is None:
             raise ValueError("`end` must be a concrete array, not a traced value.")
@@ -326,6 +330,7 @@ class DeepMatrix(AbstractFactorization):
         **Returns:** a `DeepMatrix` of depth `depth`.
         """
         (d,) = check_dims("d", (d,))
+        check_float_dtype("dtype", dtype)
         if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
             raise ValueError(f"`depth` must be a positive int, got {depth!r}.")
         check_positive("alpha", alpha)
