@@ -12,13 +12,27 @@ processes of a JAX multi-process run (`jax.distributed.initialize()`).
 ([`gradflow.Status`][] codes), `steps`, and the observers' leaves as
 `obs/NAME/i` (member × save time × ...) and `final/NAME/i` (member × ...); saves past
 a member's `t_final` are NaN. [`gradflow.SweepResult.load`][] reads a folder back.
+
+**Several writers.** Processes that run one sweep into one folder (by hand, or a job
+array) share its chunks: a writer claims a chunk with a lock file
+`.chunk_NNNNN.npz.lock` (created with `O_CREAT|O_EXCL`, holding its host and pid,
+refreshed while the chunk is computed, removed once it is written), skips the chunks
+that another live writer holds and computes the rest, then waits for the others'
+chunks. A claim whose writer died (its pid is gone on this host, or it was not
+refreshed for `LOCK_STALE_S` seconds) is taken over. Chunk files are written under a
+temporary name and renamed, so a chunk file is complete or absent; lock and temporary
+files are never read as results.
 """
 
 import dataclasses
+import io
 import itertools
 import json
 import os
 import re
+import socket
+import threading
+import time
 import uuid
 import warnings
 import zipfile
@@ -35,10 +49,25 @@ from . import _solve
 from . import observers as _observers
 from ._flow import default_save_times
 from ._status import LABELS, Status
-from ._validate import check_int
+from ._validate import check_int, check_path, runtime_message
 
 OVERRIDABLE = ("rtol", "atol", "loss_tol", "loss_drop", "radius")
 """Settings a grid axis of the same name overrides per member (traced, no recompile)."""
+
+LOCK_STALE_S = 600.0
+"""A chunk claim (lock file) not refreshed for this many seconds is stale: its writer
+is presumably gone (on another host; on this one, a dead pid is stale at once)."""
+
+HEARTBEAT_S = 30.0
+"""How often a writer refreshes the claims it holds."""
+
+POLL_S = 0.5
+"""How often a writer looks for the chunks that other writers are computing."""
+
+WRITE_DELAY_ENV = "GRADFLOW_SWEEP_WRITE_DELAY"
+"""Test hook: an environment variable (seconds); when set, a chunk writer writes half
+of the temporary file, sleeps this long, then writes the rest and renames it (so a
+test can kill a sweep during a chunk write)."""
 
 
 @dataclasses.dataclass
@@ -72,12 +101,13 @@ class SweepResult:
         """Read the finished chunks of the sweep in folder `out` (members in grid order).
 
         An unreadable chunk (a truncated or corrupt file) is an error naming it;
-        re-running the sweep recomputes it.
+        re-running the sweep recomputes it. Temporary and lock files (of a writer at
+        work or killed) are not chunks.
         """
-        out = Path(out)
+        out = check_path("out", out, kind="folder")
         if not (out / "config.json").is_file():
             raise ValueError(f"`out`: {out} holds no sweep (no config.json).")
-        config = json.loads((out / "config.json").read_text())
+        config = _read_config(out / "config.json")
         chunks = []
         for path in chunk_files(out):
             try:
@@ -125,7 +155,10 @@ def sweep(
     - `loss_drop`: stop when the loss falls below this times the member's initial loss
       (instead of an absolute `loss_tol`).
     - `out`: a folder to write each finished chunk to, and to resume from. Re-using
-      it with a different configuration is an error.
+      it with a different configuration is an error. Several processes may run the
+      same sweep into one folder at once: each claims the chunks it computes (lock
+      files), skips those another live process holds, and waits for them at the end,
+      so every chunk is computed once (module docstring).
     - `chunk_size`: members solved together (rounded up to a multiple of the number
       of local devices). A vmapped adaptive solve runs until its slowest member
       finishes, so chunks should hold members of similar cost: see `order_by`.
@@ -137,6 +170,12 @@ def sweep(
 
     **Returns:** a [`gradflow.SweepResult`][] of every finished member (all of them,
     unless another process of a multi-process run holds some).
+
+    **Raises:** `ValueError`/`TypeError` naming the argument for invalid inputs,
+    checked before anything is solved or written; a value checked only when a member
+    runs (a grid axis's `rtol` too small for the problem's dtype, an initial loss that
+    overflows, non-finite weights) is a `ValueError` naming it (`grid['rtol']` for a
+    grid axis) and the chunk's members.
     """
     names, values = _check_grid(grid)
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
@@ -172,32 +211,72 @@ def sweep(
         params, ts, problem=problem, settings=tuple(settings.items()), solver=solver,
         observers=observers, mesh=mesh)
     chunks = [order[i:i + chunk_size] for i in range(0, len(order), chunk_size)]
-    mine = range(jax.process_index(), len(chunks), jax.process_count())
-    results = []
-    bar = _bar(len(mine), progress)
-    for k in mine:
-        path = None if out is None else out / f"chunk_{k:05d}.npz"
-        chunk = None
-        if path is not None and path.exists():
-            try:
-                chunk = _read_chunk(path)
-            except _UNREADABLE as error:
-                warnings.warn(f"sweep: chunk file {path} is unreadable ({type(error).__name__}: "
-                              f"{error}); recomputing it.", stacklevel=2)
-        if chunk is None:
-            idx = np.resize(chunks[k], chunk_size)  # pad by repeating members
-            params = {n: jnp.asarray(members[idx, j].astype(dtypes[n]))
-                      for j, n in enumerate(names)}
+    axes = {n: f"grid[{n!r}]" for n in names if n in settings}
+
+    def compute(k):
+        idx = np.resize(chunks[k], chunk_size)  # pad by repeating members
+        params = {n: jnp.asarray(members[idx, j].astype(dtypes[n]))
+                  for j, n in enumerate(names)}
+        try:
             raw = jax.device_get(run_chunk(params, jnp.asarray(save_times)))
-            chunk = _unpad(raw, chunks[k], params, save_times)
-            if path is not None:
+        except eqx.EquinoxRuntimeError as error:  # a check of a member's traced values
+            raise ValueError(
+                f"{runtime_message(error, axes).rstrip('.')} (in chunk {k} of the sweep: "
+                f"grid members {chunks[k].tolist()}).") from None
+        return _unpad(raw, chunks[k], params, save_times)
+
+    warned = set()
+
+    def obtain(k):
+        """Chunk `k`: read, or computed (and written); None while another writer holds it."""
+        if out is None:
+            return compute(k)
+        path = out / f"chunk_{k:05d}.npz"
+        chunk = _read_finished(path, warned)
+        if chunk is not None:
+            return chunk
+        out.mkdir(parents=True, exist_ok=True)
+        claim = _claim(path)
+        if claim is None:
+            return None
+        with claim:
+            chunk = _read_finished(path, warned)  # written by another just before the claim
+            if chunk is None:
+                for tmp in path.parent.glob(f".{path.name}.*.tmp"):  # of a writer now gone
+                    tmp.unlink(missing_ok=True)
+                chunk = compute(k)
                 _write_config(out, config)  # once a member has solved: the inputs are valid
                 _write_chunk(path, chunk)
-        results.append(chunk)
+        return chunk
+
+    todo = list(range(jax.process_index(), len(chunks), jax.process_count()))
+    results = []
+    bar = _bar(len(todo), progress)
+    made = out is not None and not out.exists()
+    try:
+        while todo:
+            held = []
+            for k in todo:
+                chunk = obtain(k)
+                if chunk is None:
+                    held.append(k)
+                    continue
+                results.append(chunk)
+                if bar is not None:
+                    bar.update(1)
+            todo = held
+            if todo:  # chunks other writers are computing: wait for them
+                time.sleep(POLL_S)
+    except BaseException:
+        if made:  # a sweep that failed before its first chunk leaves no folder
+            try:
+                out.rmdir()
+            except OSError:
+                pass
+        raise
+    finally:
         if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.close()
     return _merge(results, config)
 
 
@@ -262,6 +341,7 @@ def _member(params, save_ts, problem, settings, solver, observers):
     model, objective = problem(params)
     kw = {k: params.get(k, v) for k, v in settings.items()}
     built = _solve.build(model, objective, solver=solver, **kw)
+    observers = _observers.resolve(observers, built.model, built.objective)
     out = _solve.run(built, save_ts.astype(built.time_dtype), observers)
     saved, final = out.observed
     return dict(obs=saved, final=jax.tree.map(lambda x: x[0], final), t_final=out.t,
@@ -308,6 +388,124 @@ def chunk_files(out: Path) -> list[Path]:
     return sorted(p for p in out.iterdir() if _CHUNK.fullmatch(p.name))
 
 
+def _read_config(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"`out`: {path} is unreadable ({type(error).__name__}: {error}).") from None
+    if not isinstance(config, dict) or "save_times" not in config:
+        raise ValueError(f"`out`: {path} is not a sweep's configuration.")
+    return config
+
+
+def _read_finished(path: Path, warned: set) -> dict | None:
+    """The chunk at `path`, or None when it is absent or unreadable (warned once: it is
+    recomputed)."""
+    if not path.exists():
+        return None
+    try:
+        return _read_chunk(path)
+    except _UNREADABLE as error:
+        if path not in warned:
+            warned.add(path)
+            warnings.warn(f"sweep: chunk file {path} is unreadable ({type(error).__name__}: "
+                          f"{error}); recomputing it.", stacklevel=4)
+        return None
+
+
+class _Claim:
+    """A writer's claim on one chunk: its lock file, refreshed every `HEARTBEAT_S`
+    seconds until released (on leaving the `with` block)."""
+
+    def __init__(self, lock: Path):
+        self.lock = lock
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+        self._thread.start()
+
+    def _beat(self):
+        while not self._done.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.lock)
+            except OSError:
+                return
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()
+        self.lock.unlink(missing_ok=True)
+
+
+def _claim(path: Path) -> "_Claim | None":
+    """Claim the chunk at `path` (create its lock file exclusively; take over a stale
+    one), or None if another live writer holds it."""
+    lock = path.with_name(f".{path.name}.lock")
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if not _take_over(lock):
+                return None
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}, f)
+        return _Claim(lock)
+    return None
+
+
+def _stale(lock: Path) -> bool:
+    """Whether the claim `lock` is left by a writer that is gone (or is gone itself)."""
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return True
+    if age > LOCK_STALE_S:
+        return True
+    try:
+        owner = json.loads(lock.read_text())
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError):  # being written (or its writer died at once)
+        return age > 30.0
+    if not isinstance(owner, dict) or owner.get("host") != socket.gethostname():
+        return False
+    pid = owner.get("pid")
+    if not isinstance(pid, int):
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
+
+
+def _take_over(lock: Path) -> bool:
+    """Remove the claim `lock` if it is stale: True if the chunk can be claimed again.
+    It is first renamed aside (atomic), so that of two writers taking over one stale
+    claim, only one removes it; a fresh claim renamed by mistake is put back."""
+    if not _stale(lock):
+        return False
+    aside = lock.with_name(f"{lock.name}.{os.getpid()}.{uuid.uuid4().hex}.stale")
+    try:
+        os.rename(lock, aside)
+    except FileNotFoundError:
+        return True
+    if not _stale(aside):  # another writer's fresh claim, made since we looked
+        try:
+            os.link(aside, lock)
+        except OSError:
+            pass
+        aside.unlink(missing_ok=True)
+        return False
+    aside.unlink(missing_ok=True)
+    return True
+
+
 def _write_chunk(path: Path, chunk: dict) -> None:
     arrays = {k: chunk[k] for k in _SCALARS}
     arrays |= {f"params/{k}": v for k, v in chunk["params"].items()}
@@ -317,16 +515,28 @@ def _write_chunk(path: Path, chunk: dict) -> None:
     # A name of its own per writer (two processes may write one folder), that no
     # reader takes for a chunk; renamed into place, so a chunk file is complete or absent.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    data = buffer.getbuffer()
+    delay = float(os.environ.get(WRITE_DELAY_ENV) or 0.0)  # a test hook (see its docstring)
     try:
         with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+            if delay > 0:
+                f.write(data[:len(data) // 2])
+                f.flush()
+                time.sleep(delay)
+                f.write(data[len(data) // 2:])
+            else:
+                f.write(data)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def _read_chunk(path: Path) -> dict:
-    with np.load(path) as data:
+    # The file is opened here, so that it is closed when NumPy fails to read it (a
+    # corrupt zip: `np.load` leaves the file it opened unclosed).
+    with open(path, "rb") as file, np.load(file) as data:
         chunk = {k: data[k] for k in _SCALARS}
         chunk["params"] = {k.split("/")[1]: data[k] for k in data.files
                            if k.startswith("params/")}

@@ -1,7 +1,17 @@
-"""A small sweep run as a separate process by tests/test_sweep.py (devices, processes, kill)."""
+"""A small sweep run as a separate process by tests/test_sweep.py (devices, processes,
+kill, concurrent writers).
 
+Usage: `python sweep_job.py OUT MODE`, MODE one of `fast`, `slow` (a chunk takes >= 2 s),
+`process<i>of<n>:<port>` (one process of a JAX multi-process run) or `shared:<folder>`
+(a writer among others of one OUT: it waits until two writers have touched a file in
+<folder>, so that they start together, and prints `wrote chunk_NNNNN.npz` for each chunk
+it computed).
+"""
+
+import os
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.random as jr
@@ -38,5 +48,21 @@ if __name__ == "__main__":
         index, count = (int(x) for x in ident.split("of"))
         jax.distributed.initialize(f"localhost:{port}", num_processes=count, process_id=index)
     slow = mode == "slow"
+    if mode.startswith("shared:"):
+        from gradflow import _sweep
+
+        write = _sweep._write_chunk
+
+        def logged(path, chunk):
+            write(path, chunk)
+            print("wrote", path.name, flush=True)
+
+        _sweep._write_chunk = logged
+        barrier = Path(mode[len("shared:"):])
+        (barrier / f"ready_{os.getpid()}").touch()
+        deadline = time.time() + 300
+        while len(list(barrier.glob("ready_*"))) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        slow = True
     result = run(out, progress=slow, delay=2.0 if slow else 0.0)
     print("devices", len(jax.local_devices()), "members", len(result), flush=True)

@@ -294,3 +294,119 @@ def test_two_writers_of_one_folder_agree(tmp_path):
     np.testing.assert_array_equal(first.t_final, second.t_final)
     files = sorted(p.name for p in out.iterdir())
     assert files == ["chunk_00000.npz", "chunk_00001.npz", "chunk_00002.npz", "config.json"]
+
+
+def test_default_save_times_refuses_what_is_not_a_final_time():
+    for bad in (-1.0, 0.0, math.nan, math.inf, "10", [1.0, 2.0]):
+        _refused(lambda: gf.default_save_times(bad), "t1")
+    for bad in (0, 2.5, True):
+        _refused(lambda: gf.default_save_times(10.0, bad), "num")
+    ts = gf.default_save_times(10.0, 5)
+    assert ts[0] == 0 and ts[-1] == 10.0 and np.all(np.diff(ts) > 0)
+
+
+def test_verdicts_refuse_meaningless_tolerances_and_shapes():
+    from gradflow.analysis import cp as acp
+    from gradflow.analysis import diagonal as ad
+    from gradflow.analysis import htf as ah
+    from gradflow.analysis import matrix as am
+
+    sq = np.ones((3, 2, 2))
+    # a negative tolerance or rtol was a silent FAIL ("0 <= -1"); a 2-d input an IndexError
+    _refused(lambda: acp.conservation_verdict(sq, -1.0), "tolerance")
+    _refused(lambda: acp.conservation_verdict(sq, rtol=-1), "rtol")
+    _refused(lambda: acp.conservation_verdict(sq, rtol=math.nan), "rtol")
+    _refused(lambda: acp.conservation_verdict(np.ones((3, 2))), "squared_norms")
+    _refused(lambda: acp.conservation_verdict(np.ones((0, 2, 2))), "squared_norms")
+    _refused(lambda: am.balancedness_verdict(np.ones((3, 4)), np.ones(2)), "scales")
+    _refused(lambda: am.balancedness_verdict(np.ones(3), np.ones(3)), "imbalances")
+    _refused(lambda: ah.conservation_verdict(np.ones((3, 4)), np.ones(3), 0.0), "tolerance")
+    _refused(lambda: ah.rank_bound_verdict([]), "excesses")
+    _refused(lambda: ad.conservation_verdict(np.ones((3, 2)), rtol=0.0), "rtol")
+    _refused(lambda: ad.conservation_verdict(np.ones((3, 0))), "saved")
+    _refused(lambda: gf.analysis.worst("x", [], 1.0), "values")
+    _refused(lambda: gf.analysis.worst("x", [1.0], -1.0), "tolerance")
+    _refused(lambda: acp.conservation_verdict(sq, 1e-3, rtol=1e-8), "tolerance")
+    assert acp.conservation_verdict(sq).passed and acp.conservation_verdict(sq, rtol=1e-4)
+
+
+@pytest.mark.parametrize("observer", ["squared_vector_norms", "gammas", "unbalancedness"])
+def test_observers_that_do_not_apply_to_the_model_are_refused_at_setup(observer, tmp_path):
+    model = gf.DeepMatrix.gaussian(jr.key(0), (3, 3, 3), 0.3)
+    objective = gf.Completion.from_tensor(jnp.ones((3, 3)),
+                                          gf.sample_indices(jr.key(1), (3, 3), 5))
+    with pytest.raises(ValueError, match=rf"`observers`: '{observer}'.*DeepMatrix"):
+        gf.flow(model, objective, t1=1.0, observers=[observer])
+    problem = lambda p: (gf.DeepMatrix.gaussian(jr.key(0), (3, 3, 3), p["scale"]), objective)
+    out = tmp_path / "never"
+    with pytest.raises(ValueError, match=rf"`observers`: '{observer}'.*DeepMatrix"):
+        gf.sweep(problem, {"scale": [0.3]}, t1=1.0, observers=[observer], out=out)
+    assert not out.exists()
+    # a user's observer that cannot read the model is named too
+    with pytest.raises(ValueError, match=r"`observers`: 'mine'.*DeepMatrix"):
+        gf.flow(model, objective, t1=1.0, observers={"mine": lambda t, m, o: m.factors[0]})
+
+
+@pytest.mark.parametrize("dtype", [jnp.complex64, jnp.complex128, jnp.int32, jnp.bfloat16,
+                                   "float16", None, "nope"])
+def test_constructors_refuse_a_dtype_that_is_not_float32_or_float64(dtype):
+    tree = gf.ModeTree.binary(4)
+    for call in [
+        lambda: gf.CP.gaussian(jr.key(0), DIMS, 2, 0.1, dtype=dtype),
+        lambda: gf.CP.balanced(jr.key(0), DIMS, 2, 0.1, dtype=dtype),
+        lambda: gf.DeepMatrix.gaussian(jr.key(0), (3, 3, 3), 0.1, dtype=dtype),
+        lambda: gf.DeepMatrix.orthogonal(jr.key(0), (3, 3, 3), 0.1, dtype=dtype),
+        lambda: gf.DeepMatrix.uniform(jr.key(0), (3, 3, 3), 0.1, dtype=dtype),
+        lambda: gf.DeepMatrix.balanced(jr.key(0), dims=(3, 3, 3), end=np.eye(3), dtype=dtype),
+        lambda: gf.DeepMatrix.identity(3, 2, 0.1, dtype=dtype),
+        lambda: gf.HTF.gaussian(jr.key(0), (3,) * 4, tree, 2, 0.1, dtype=dtype),
+        lambda: gf.HTF.balanced(jr.key(0), (3,) * 4, tree, 2, 0.1, dtype=dtype),
+        lambda: gf.DiagonalNet.uniform(3, 0.1, dtype=dtype),
+        lambda: gf.DiagonalNet.gaussian(jr.key(0), 3, 0.1, dtype=dtype),
+    ]:
+        _refused(call, "dtype")
+    assert gf.CP.gaussian(jr.key(0), DIMS, 2, 0.1, dtype="float32").factors[0].dtype == jnp.float32
+
+
+def test_a_runtime_check_in_a_sweep_member_is_a_short_error_naming_the_grid_axis():
+    f32 = lambda p: (gf.CP.gaussian(jr.key(0), DIMS, 4, p["scale"], dtype=jnp.float32),
+                     OBJECTIVE)
+    # 1e-7 is fine in float64, not in float32 (standard promotion: see test_float32.py)
+    with pytest.raises(ValueError) as info, jax.numpy_dtype_promotion("standard"):
+        gf.sweep(f32, {"scale": [0.3], "rtol": [1e-3, 1e-7]}, t1=10.0)
+    message = str(info.value)
+    assert message.startswith("`grid['rtol']` must be >= ") and "float32" in message
+    assert "members [0, 1]" in message and len(message) < 300
+
+    def overflows(p):
+        model = gf.CP.gaussian(jr.key(0), DIMS, 4, p["scale"])
+        return gf.CP(tuple(jnp.where(p["scale"] > 0.2, 1e120, 1.0) * f
+                           for f in model.factors)), OBJECTIVE
+
+    with pytest.raises(ValueError, match=r"^`objective`: the loss at the initial model is not "
+                                         r"finite.*chunk 1.*members \[1\]"):
+        gf.sweep(overflows, {"scale": [0.1, 0.3]}, t1=10.0, chunk_size=1)
+
+
+def test_a_corrupt_chunk_is_closed_after_failing_to_read(tmp_path):
+    import gc
+    import warnings
+
+    from gradflow import _sweep
+
+    for data in (b"PK\x03\x04 not a zip", b"", b"\x93NUMPY"):
+        path = tmp_path / "chunk_00000.npz"
+        path.write_bytes(data)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+
+            def read():
+                try:
+                    _sweep._read_chunk(path)
+                except _sweep._UNREADABLE:
+                    return
+                raise AssertionError("a corrupt chunk was read")
+
+            read()
+            gc.collect()
+        assert not [w for w in caught if issubclass(w.category, ResourceWarning)], data

@@ -1,6 +1,8 @@
 """Sweeps: compiled once, equal to one-by-one flows, resumable, sharded, multi-process."""
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -83,6 +85,75 @@ def test_resume_after_sigkill(tmp_path, reference):
     assert not list(tmp_path.glob("*.tmp*"))
     _same(resumed, reference)
     _same(gf.SweepResult.load(tmp_path), reference)
+
+
+def _names_in(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+CHUNKS = ["chunk_00000.npz", "chunk_00001.npz", "chunk_00002.npz"]
+
+
+def test_resume_after_sigkill_during_a_chunk_write(tmp_path, reference):
+    # The writer's test hook writes half of the chunk's temporary file, then sleeps
+    # before the rest and the rename: the kill lands inside the write.
+    env = dict(os.environ, GRADFLOW_SWEEP_WRITE_DELAY="120")
+    proc = _spawn(tmp_path, "fast", env)
+    deadline = time.time() + 300
+    while not list(tmp_path.glob(".chunk_*.tmp")) and time.time() < deadline:
+        time.sleep(0.05)
+        assert proc.poll() is None, proc.stdout.read()
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    left = _names_in(tmp_path)
+    assert not [n for n in left if n.startswith("chunk_")]  # killed during the first write
+    temporary = [n for n in left if n.endswith(".tmp")]
+    assert len(temporary) == 1 and ".chunk_00000.npz.lock" in left  # a claim left by the dead
+    assert (tmp_path / temporary[0]).stat().st_size > 0
+    with pytest.raises(ValueError, match="no finished chunks"):  # temporary and lock files
+        gf.SweepResult.load(tmp_path)                             # are not results
+    resumed = sweep_job.run(tmp_path)  # takes over the dead writer's claim
+    assert _names_in(tmp_path) == CHUNKS + ["config.json"]  # its leftovers removed
+    _same(resumed, reference)
+    _same(gf.SweepResult.load(tmp_path), reference)
+
+
+def test_concurrent_writers_of_one_folder_compute_each_chunk_once(tmp_path, reference):
+    out, barrier = tmp_path / "shared", tmp_path / "barrier"
+    barrier.mkdir()
+    procs = [_spawn(out, f"shared:{barrier}") for _ in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    wrote = [re.findall(r"wrote (chunk_\d{5}\.npz)", o) for o in outputs]
+    assert sorted(wrote[0] + wrote[1]) == CHUNKS, wrote  # each chunk computed once
+    assert wrote[0] and wrote[1], wrote  # the second writer picked up the chunks left
+    assert all("members 6" in o for o in outputs)  # each returns the whole sweep
+    assert _names_in(out) == CHUNKS + ["config.json"]  # no claim or temporary file left
+    _same(gf.SweepResult.load(out), reference)
+
+
+def test_claims_of_live_and_dead_writers(tmp_path):
+    from gradflow import _sweep
+
+    path = tmp_path / "chunk_00000.npz"
+    with _sweep._claim(path) as claim:
+        assert claim.lock.name == ".chunk_00000.npz.lock"
+        assert _sweep._claim(path) is None  # held by a live writer (this one)
+    assert not claim.lock.exists()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    claim.lock.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid,
+                                      "time": time.time()}))
+    with _sweep._claim(path) as taken:  # a dead writer's claim is taken over
+        assert json.loads(taken.lock.read_text())["pid"] == os.getpid()
+    claim.lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "time": 0.0}))
+    assert _sweep._claim(path) is None  # another host's live claim...
+    old = time.time() - _sweep.LOCK_STALE_S - 1
+    os.utime(claim.lock, (old, old))
+    with _sweep._claim(path):  # ...until it is not refreshed for LOCK_STALE_S
+        pass
+    assert _names_in(tmp_path) == []
 
 
 def test_conflicting_output_folder_is_refused(tmp_path):
