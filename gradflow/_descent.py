@@ -20,6 +20,7 @@ from jaxtyping import Array, ArrayLike, Float, Int
 from . import _solve
 from . import observers as _observers
 from ._flow import FlowError, flow
+from ._numerics import safe_divide
 from ._status import Status
 from ._validate import check_int, check_positive, enforce
 from .models.base import AbstractFactorization
@@ -128,7 +129,7 @@ def _projected_step(updates, grads, state):
     """$h=\\langle-u,g\\rangle/\\|g\\|^2$ (0 where $g=0$): the step along $-g$."""
     num = -optax.tree_utils.tree_vdot(updates, grads)
     den = optax.tree_utils.tree_vdot(grads, grads)
-    return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+    return safe_divide(num, den)
 
 
 _SGD = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0)  # one `update` for every run

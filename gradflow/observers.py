@@ -9,6 +9,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from ._numerics import safe_divide
 from ._validate import check_int
 from ._vector_field import rate_along_flow
 from .objectives import AbstractObjective
@@ -49,7 +50,7 @@ def gammas(t, model, objective):
     grads = eqx.filter_grad(objective)(model)
     inner = -jnp.sum(model.factors[0] * grads.factors[0], axis=0)
     norms = model.component_norms()
-    return jnp.where(norms > 0, inner / jnp.where(norms > 0, norms, 1.0), 0.0)
+    return safe_divide(inner, norms)
 
 
 def component_norm_rates(t, model, objective):
@@ -120,7 +121,7 @@ def gradient_alignment(t, model, objective):
     1). Forms the end tensor."""
     g = gammas(t, model, objective)
     size = jnp.linalg.norm(objective.tensor_gradient(model.full()))
-    return jnp.where(size > 0, g / jnp.where(size > 0, size, 1.0), 0.0)
+    return safe_divide(g, size)
 
 
 def singular_basis_gradient(t, model, objective):
@@ -141,8 +142,7 @@ def singular_basis_gradient(t, model, objective):
     total = jnp.linalg.norm(rotated)
     off = jnp.linalg.norm(jnp.where(jnp.eye(*rotated.shape, dtype=bool), 0.0, rotated))
     return {"diagonal": diagonal, "off_diagonal": off,
-            "off_diagonal_fraction": jnp.where(total > 0, off / jnp.where(total > 0, total, 1.0),
-                                               0.0)}
+            "off_diagonal_fraction": safe_divide(off, total)}
 
 
 def held_out_loss(test_objective: AbstractObjective):
@@ -180,7 +180,7 @@ def _cosines(factors):
     out = None
     for f in factors:
         norms = jnp.linalg.norm(f, axis=0)
-        unit = f / jnp.where(norms > 0, norms, 1.0)
+        unit = safe_divide(f, jnp.broadcast_to(norms, f.shape))
         gram = unit.T @ unit
         out = gram if out is None else out * gram
     return out

@@ -88,12 +88,12 @@ def _power_curvature(matvec, size: int, dtype, iterations: int = 12) -> Float[Ar
     return 1.1 * jnp.vdot(x, matvec(x))
 
 
-class _EigenLinearisation(AbstractLinearisation):
+class _AbstractEigenLinearisation(AbstractLinearisation):
     """$W=-V\\,\\mathrm{diag}(\\lambda)V^\\top$ in flat coordinates `flatten`/`unflatten`
     of the state, with orthonormal $V$ (an eigendecomposition or a subspace)."""
 
-    eigvecs: Float[Array, "n k"]
-    curvatures: Float[Array, " k"]
+    eigvecs: eqx.AbstractVar[Float[Array, "n k"]]
+    curvatures: eqx.AbstractVar[Float[Array, " k"]]
 
     @abc.abstractmethod
     def flatten(self, x) -> Float[Array, " n"]: ...
@@ -118,7 +118,7 @@ class _EigenLinearisation(AbstractLinearisation):
         return jnp.max(self.curvatures, initial=0.0)
 
 
-class _FlatEigen(_EigenLinearisation):
+class _FlatEigen(_AbstractEigenLinearisation):
     """On all weights."""
 
     eigvecs: Float[Array, "n k"]
@@ -131,11 +131,13 @@ class _FlatEigen(_EigenLinearisation):
         return ravel_pytree(x)[1](v)
 
 
-class _Block(eqx.Module):
-    """Flat coordinates of the weights of a block (`selection` of a block model)."""
+class _AbstractBlock(eqx.Module):
+    """Flat coordinates of the weights of a block (`selection` of a block model): the
+    `flatten`/`unflatten` of the block linearisations, which declare the two fields
+    (abstract, so that no concrete class is subclassed)."""
 
-    selection: object
-    template: AbstractBlockFactorization
+    selection: eqx.AbstractVar[object]
+    template: eqx.AbstractVar[AbstractBlockFactorization]
 
     def flatten(self, x):
         return ravel_pytree(x.take(self.selection))[0]
@@ -144,7 +146,7 @@ class _Block(eqx.Module):
         return x.put(self.selection, ravel_pytree(self.template)[1](v))
 
 
-class _BlockEigen(_Block, _EigenLinearisation):
+class _BlockEigen(_AbstractBlock, _AbstractEigenLinearisation):
     r"""$W=-V\,\mathrm{diag}(\lambda)V^\top$ on the weights of a block."""
 
     eigvecs: Float[Array, "n k"]
@@ -153,7 +155,7 @@ class _BlockEigen(_Block, _EigenLinearisation):
     template: AbstractBlockFactorization
 
 
-class _CholeskyBlock(_Block, AbstractLinearisation):
+class _CholeskyBlock(_AbstractBlock, AbstractLinearisation):
     r"""$W=-H$ on the weights of a block, with $H$ positive semidefinite, so
     $I - cW = I + cH$ is factored by Cholesky (no eigendecomposition).
 

@@ -161,11 +161,15 @@ def test_q_closed_forms_against_quadrature():
         assert ad.q_depth2(z) == pytest.approx(quad(lambda s: np.arcsinh(s / 2), 0, z)[0],
                                                rel=1e-10)
         for depth in (3, 4):
-            integral = quad(lambda s: ad._h_depth_inverse(s, depth), 0, z, limit=200)[0]
+            # q_D' = h_D^{-1} = the potential's gradient at alpha = 1
+            integral = quad(lambda s: float(ad.potential_gradient(s, 1.0, depth)), 0, z,
+                            limit=200)[0]
             assert ad.q_depth(z, depth) == pytest.approx(integral, rel=1e-8)
     z = np.array([-2.0, 0.0, 0.7, 40.0])
     for depth in (3, 5):
-        np.testing.assert_allclose(ad._h_depth(ad._h_depth_inverse(z, depth), depth), z,
+        p = depth / (depth - 2)
+        h = lambda x: (1 - x) ** -p - (1 + x) ** -p  # Woodworth et al.'s h_D
+        np.testing.assert_allclose(h(ad.potential_gradient(z, 1.0, depth)), z,
                                    rtol=1e-12, atol=1e-15)
 
 

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import gradflow as gf
 from gradflow import _solve
+from gradflow._validate import Pending
 
 DIMS = (3, 3, 3)
 TRUTH = gf.random_cp_tensor(jr.key(0), DIMS, 2)
@@ -157,24 +158,34 @@ def test_huber_refuses_invalid_delta(name, value):
 
 
 def test_one_validation_path_for_flow_final_state_and_sweep(monkeypatch):
-    # A check added to the shared `_solve.check_settings` is enforced by all three.
-    original = _solve.check_settings
+    # A check added to `_solve.build` (here a run-time check: it holds for concrete and
+    # traced `t1` alike) is enforced by flow, final_state, and every member of a sweep,
+    # with `t1` a setting or a grid axis: all of them build their solve there. (The
+    # sweep's up-front `check_settings` of its settings does not know this check.)
+    original = _solve.build
+    built = []
 
-    def stricter(dtype, **kw):
-        if kw.get("t1") is not None and not isinstance(kw["t1"], jax.core.Tracer):
-            if float(kw["t1"]) == 7.0:
-                raise ValueError("`t1` = 7 is not allowed by this test's new check.")
-        return original(dtype, **kw)
+    def stricter(model, objective, **kw):
+        problem = original(model, objective, **kw)
+        built.append(problem)
+        check = Pending(problem.t1 != 7.0, "`t1` = 7 is refused by this test's new check.")
+        return eqx.tree_at(lambda p: p.pending, problem, problem.pending + (check,))
 
-    monkeypatch.setattr(_solve, "check_settings", stricter)
+    monkeypatch.setattr(_solve, "build", stricter)
+    problem = lambda params: _problem(params)  # a new function: the sweep traces anew
     calls = {
         "flow": lambda: gf.flow(MODEL, OBJECTIVE, t1=7.0),
-        "final_state": lambda: gf.final_state(MODEL, OBJECTIVE, t1=7.0),
-        "sweep": lambda: gf.sweep(_problem, {"scale": [0.3], "seed": [0]}, t1=7.0),
+        "final_state": lambda: jax.block_until_ready(gf.final_state(MODEL, OBJECTIVE, t1=7.0).t),
+        "sweep": lambda: gf.sweep(problem, {"scale": [0.3], "seed": [0]}, t1=7.0),
+        "sweep, t1 a grid axis": lambda: gf.sweep(
+            problem, {"scale": [0.3], "seed": [0], "t1": [5.0, 7.0]}, t1=10.0),
     }
-    for call in calls.values():
-        with pytest.raises(ValueError, match="new check"):
+    for name, call in calls.items():
+        before = len(built)
+        with pytest.raises(Exception, match="new check"):
             call()
+        assert len(built) > before, name
+    assert gf.final_state(MODEL, OBJECTIVE, t1=6.0).t == 6.0  # only t1 = 7 is refused
 
 
 def test_traced_values_are_checked_at_run_time():
@@ -392,8 +403,7 @@ def test_a_corrupt_chunk_is_closed_after_failing_to_read(tmp_path):
     import gc
     import warnings
 
-    from gradflow import _sweep
-
+    (tmp_path / "config.json").write_text('{"save_times": [0.0, 1.0]}')
     for data in (b"PK\x03\x04 not a zip", b"", b"\x93NUMPY"):
         path = tmp_path / "chunk_00000.npz"
         path.write_bytes(data)
@@ -401,11 +411,8 @@ def test_a_corrupt_chunk_is_closed_after_failing_to_read(tmp_path):
             warnings.simplefilter("always")
 
             def read():
-                try:
-                    _sweep._read_chunk(path)
-                except _sweep._UNREADABLE:
-                    return
-                raise AssertionError("a corrupt chunk was read")
+                with pytest.raises(ValueError, match="unreadable"):
+                    gf.SweepResult.load(tmp_path)
 
             read()
             gc.collect()

@@ -1,5 +1,6 @@
 """Theorem 2 of the TF paper (docs/theory/theorem2): assumptions, the A2+A3 init, the protocol."""
 
+import functools
 import json
 
 import jax
@@ -55,7 +56,9 @@ def test_leading_init_satisfies_assumptions_2_and_3(objective):
     # HOPM pushed component 0 toward the leading rank-one direction of -grad L(0):
     # gamma = <-G0, (x) u^n> is far above that of a random direction
     target = -np.asarray(theorem2.origin_gradient(objective))
-    gamma = lambda us: theorem2._gamma(target, us)
+    gamma = lambda us: float(np.tensordot(  # <T, (x)_n u^n / |u^n|>
+        target, functools.reduce(np.multiply.outer, [u / np.linalg.norm(u) for u in us]),
+        axes=target.ndim))
     lead = gamma([np.asarray(f[:, 0]) for f in init.factors])
     rand = gf.CP.balanced(jr.key(2), objective.shape, 1, 1.0)
     assert lead > 0 and lead > 2 * abs(gamma([np.asarray(f[:, 0]) for f in rand.factors]))

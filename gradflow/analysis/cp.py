@@ -15,6 +15,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
 from .. import observers as _observers
+from .._numerics import safe_divide
 from .._validate import check_finite, check_int, check_positive, check_saved
 from ..models.cp import CP
 from .verdict import Verdict, relative_max, verdict_tolerance
@@ -336,8 +337,8 @@ def _als_sweep(tensor, factors):
         factors[n] = _mttkrp(tensor, factors, n) @ _pinv_psd(gram)
     norms = jnp.stack([jnp.linalg.norm(f, axis=0) for f in factors])  # (N, r)
     target = jnp.prod(norms, axis=0) ** (1.0 / len(factors))
-    scale = jnp.where(norms > 0, target / jnp.where(norms > 0, norms, 1.0), 0.0)
-    return tuple(f * s for f, s in zip(factors, scale))
+    scale = safe_divide(target[None, :], norms)  # (N, r)
+    return tuple(f * s[None, :] for f, s in zip(factors, scale))
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4))

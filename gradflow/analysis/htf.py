@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
 
+from .._numerics import safe_divide
 from .._validate import check_saved
 from ..models.base import AbstractFactorization
 from ..models.htf import HTF
@@ -91,7 +92,7 @@ def gammas(model: HTF, objective) -> Float[Array, " components"]:
         [jnp.sum(model.weights[v] * velocity.weights[v], axis=1) for v in model.tree.interior]
     )
     p = model.component_norms()
-    return jnp.where(p > 0, inner / jnp.where(p > 0, p, 1.0), 0.0)
+    return safe_divide(inner, p)
 
 
 def local_norm_rates(model: HTF, objective) -> Float[Array, " components"]:
