@@ -176,7 +176,7 @@ def _tsit5_step(terms, t0, t1, y0, args, f0):
 
     def stage(fs, i):
         weights = jnp.asarray(_TSIT5_A)[i]
-        f = terms.vf(t0 + jnp.asarray(_TSIT5_C)[i] * h, add(y0, dot(weights, fs)), args)
+        f = terms.vf(t0 + jnp.asarray(_TSIT5_C, h.dtype)[i] * h, add(y0, dot(weights, fs)), args)
         return jax.tree.map(lambda buf, x: buf.at[i].set(x), fs, f), None
 
     fs, _ = lax.scan(stage, fs, jnp.arange(1, _TSIT5_STAGES))
