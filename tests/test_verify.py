@@ -194,3 +194,99 @@ def test_cli_list_describes_the_draw(capsys):
     assert all(name in printed for name in BUILT_IN)
     assert "shapes (instance k in bucket k mod 3): [0] order 3, dims 3, rank 4" in printed
     assert "init scale 0.2–0.6" in printed
+
+
+def _forget(names):
+    """Drop programs from this process, as a new process would start without them."""
+    for name in names:
+        registry._PROGRAMS.pop(name, None)
+
+
+def _tiny(key, bucket):
+    """`_bucketed`'s problem, observed by gradflow's loss and a local function."""
+    case = _bucketed(key, bucket)
+    case.flow["observers"] = {"loss": gf.observers.loss, "double": _double_loss}
+    return case
+
+
+def _double_loss(t, model, objective):  # defined outside gradflow: not kept on disk
+    return 2.0 * objective(model)
+
+
+def test_programs_are_kept_on_disk_and_loaded_instead_of_traced(tmp_path, monkeypatch):
+    from gradflow.verify import _cache
+
+    monkeypatch.setattr(_cache, "DIRECTORY", str(tmp_path))
+    check = Check("disk-test", "the loss ends below where it starts", "tiny CP", _bucketed,
+                  lambda tr, case: float(tr["loss"][-1] / tr["loss"][0]), 1.0,
+                  ({"order": 4},))  # a shape no other test solves
+    before, known = registry.compiled_programs(), set(registry._PROGRAMS)
+    first = run_check(check, cases=2, seed=11)
+    new = [name for name in registry._PROGRAMS if name not in known]
+    counts = registry.compiled_programs()
+    assert first.passed and len(new) == 2  # the solve and its observers
+    assert counts["traced"] - before["traced"] == 2 and counts["loaded"] == before["loaded"]
+    entries = sorted(tmp_path.iterdir())
+    assert len(entries) == 2 and all(e.read_bytes().startswith(_cache.MAGIC) for e in entries)
+
+    _forget(new)  # a later run: loaded, not traced, and the same numbers
+    again = run_check(check, cases=2, seed=11)
+    after = registry.compiled_programs()
+    assert after["traced"] == counts["traced"] and after["loaded"] - counts["loaded"] == 2
+    assert again.residuals == first.residuals and again.compiles == 1
+
+    _forget(new)  # unreadable entries are traced again (and rewritten), never trusted
+    entries[0].write_bytes(b"not a program")
+    entries[1].write_bytes(entries[1].read_bytes()[:-100])
+    third = run_check(check, cases=2, seed=11)
+    assert third.residuals == first.residuals
+    assert registry.compiled_programs()["traced"] - after["traced"] == 2
+    assert all(_cache.decode(e.read_bytes()) is not None for e in entries)
+
+    # An observer defined outside gradflow cannot be keyed for sure: its program is
+    # traced in every run; the solve it observes is still shared and kept.
+    mine = Check("disk-test-local", "the doubled loss is twice the loss", "tiny CP", _tiny,
+                 lambda tr, case: float(np.max(np.abs(tr["double"] - 2 * tr["loss"]))),
+                 1e-12, ({"order": 4},))
+    known = set(registry._PROGRAMS)
+    assert run_check(mine, cases=2, seed=11).passed
+    assert [name[0] for name in registry._PROGRAMS if name not in known] == ["observe"]
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_program_keys_hold_every_dependency(monkeypatch):
+    from gradflow.verify import _cache
+
+    description = ["solve", _cache.render(dfx.Tsit5()), [[[2, 3], "float64"]]]
+    key = _cache.key(description)
+    assert key == _cache.key(description)
+    assert key != _cache.key(["solve", _cache.render(dfx.Dopri8()), [[[2, 3], "float64"]]])
+    assert key != _cache.key(["solve", _cache.render(dfx.Tsit5()), [[[2, 4], "float64"]]])
+    static = _cache._environment_static()
+    monkeypatch.setattr(_cache, "_environment_static", lambda: (static[0], "edited", static[2]))
+    assert _cache.key(description) != key  # another source of gradflow: another key
+    with pytest.raises(_cache.Uncacheable):
+        _cache.render(_double_loss)
+    with pytest.raises(_cache.Uncacheable):
+        _cache.render(object())
+    assert _cache.render(np.arange(3)) != _cache.render(np.arange(3) + 1)
+
+
+def _overflowing(key, bucket):
+    """A draw whose initial loss overflows: a runtime check of the solve fails."""
+    case = _bucketed(key, bucket)
+    return Case(_scaled(case.model, 1e200), case.objective, case.flow, "huge init")
+
+
+def _scaled(model, factor):
+    return gf.CP(tuple(f * factor for f in model.factors))
+
+
+def test_a_failed_runtime_check_in_a_batch_names_its_error():
+    """Inside batched programs Equinox's checks turn values into NaN (no host callback);
+    the member is then solved alone, whose check raises with its message."""
+    check = Check("overflow-test", "s", "p", _overflowing, lambda tr, case: 0.0, 1.0,
+                  ({"order": 3},))
+    result = run_check(check, cases=1)
+    assert not result.passed and "loss at the initial model is not finite" in result.error
+    assert registry.compiled_programs()["alone"] >= 1

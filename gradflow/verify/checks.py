@@ -24,8 +24,18 @@ compiled, vmapped solve:
 The closed forms of §5 are embedded in a bucket's shape: components that are not part
 of the closed form are exactly zero (and stay zero: every gradient of a CP component
 has a factor of the component itself), and entries that are not part of it have weight 0.
+
+**Drawing is cheap too.** An instance's random values come from a NumPy generator
+seeded by its key (`_rng`), and its truth and init are built in NumPy with the
+distributions of the library's constructors (`CP.gaussian`, `CP.balanced`,
+`random_cp_tensor`, `DeepMatrix.gaussian`, `HTF.gaussian`); the constructions with
+more to them are the library's own (`DeepMatrix.balanced`, and `HTF.balanced` as one
+compiled program per bucket). Drawn with JAX operations one by one, instances cost a
+small XLA compilation per operation and shape, several hundred per run: a third of a
+run whose solves were cached.
 """
 
+import functools
 import math
 
 import diffrax as dfx
@@ -38,7 +48,6 @@ from ..analysis import closed_forms as oracle
 from ..analysis import cp as acp
 from ..analysis import htf as ahtf
 from ..analysis import matrix as am
-from ..data import random_cp_tensor
 from ..models.cp import CP
 from ..models.htf import HTF, ModeTree
 from ..models.matrix import DeepMatrix
@@ -88,8 +97,9 @@ def _max_observed(name):
     return lambda tr, case: float(np.max(tr[name]))
 
 
-def _all_indices(shape):
-    return jnp.stack(jnp.unravel_index(jnp.arange(int(np.prod(shape))), shape), axis=1)
+def _all_indices(shape) -> np.ndarray:
+    """Every entry of a tensor of `shape`, in C order (row `i` is entry `i` of `ravel`)."""
+    return np.stack(np.unravel_index(np.arange(math.prod(shape)), shape), axis=1)
 
 
 def _mask(rng, size: int, m: int) -> jnp.ndarray:
@@ -99,13 +109,47 @@ def _mask(rng, size: int, m: int) -> jnp.ndarray:
     return jnp.asarray(mask)
 
 
-def _orthonormal(key, d, k):
-    return jnp.linalg.qr(jr.normal(key, (d, k)))[0]
+def _orthonormal(rng, d, k) -> np.ndarray:
+    """A `d × k` matrix with orthonormal columns (QR of a Gaussian)."""
+    return np.linalg.qr(rng.standard_normal((d, k)))[0]
+
+
+def _cp_full(factors) -> np.ndarray:
+    """The CP tensor `Σ_r ⊗_n factors[n][:, r]`, raveled in C order."""
+    out = np.ones((1, factors[0].shape[1]))
+    for f in factors:
+        out = (out[:, None, :] * f[None, :, :]).reshape(-1, f.shape[1])
+    return out.sum(axis=1)
+
+
+def _truth(rng, dims, rank: int = 2) -> np.ndarray:
+    """`random_cp_tensor`'s distribution (Gaussian factors of rank `rank`, Frobenius
+    norm 1), raveled."""
+    tensor = _cp_full([rng.standard_normal((d, rank)) for d in dims])
+    return tensor / np.linalg.norm(tensor)
+
+
+def _cp_init(rng, dims, rank, scale, balanced=False) -> CP:
+    """`CP.gaussian` (i.i.d. N(0, scale²) entries) or `CP.balanced` (every vector of norm
+    `scale`, directions uniform on the sphere)."""
+    factors = []
+    for d in dims:
+        v = rng.standard_normal((d, rank))
+        factors.append(scale * v / np.linalg.norm(v, axis=0) if balanced else scale * v)
+    return CP(tuple(jnp.asarray(f) for f in factors))
 
 
 def _pad_components(factors, rank):
     """CP factors with zero components appended up to `rank` (they stay zero)."""
-    return CP(tuple(jnp.pad(f, ((0, 0), (0, rank - f.shape[1]))) for f in factors))
+    return CP(tuple(jnp.asarray(np.pad(np.asarray(f), ((0, 0), (0, rank - f.shape[1]))))
+                    for f in factors))
+
+
+def _one_hot(n: int, i: int, value: float = 1.0) -> np.ndarray:
+    """A length-`n` vector, `value` at `i` and 0 elsewhere."""
+    out = np.zeros(n)
+    out[i] = value
+    return out
 
 
 # --- CP, §3 ---------------------------------------------------------------------------
@@ -138,11 +182,9 @@ def _cp_case(key, bucket=CP_BUCKETS[0], balanced=False):
     dims, size = (d,) * order, d**order
     m = int(rng.integers(8, min(30, size) + 1))
     scale = float(rng.uniform(0.2, 0.6))
-    k_truth, k_init = jr.split(key)
-    objective = Completion.from_tensor(random_cp_tensor(k_truth, dims, 2), _all_indices(dims),
-                                       weights=_mask(rng, size, m))
-    make = CP.balanced if balanced else CP.gaussian
-    model = make(k_init, dims, rank, scale)
+    mask = _mask(rng, size, m)
+    objective = Completion(dims, _all_indices(dims), _truth(rng, dims), weights=mask)
+    model = _cp_init(rng, dims, rank, scale, balanced)
     return _accurate_case(model, objective, 60.0 * m, CP_OBSERVERS,
                           f"order {order}, dims {d}, R={rank}, |Ω|={m}, scale {scale:.2g}, "
                           f"{'balanced' if balanced else 'Gaussian'}", CP_SAVES)
@@ -219,14 +261,14 @@ def _huber_case(key, bucket=HUBER_BUCKETS[0]):
     values = rng.choice([-1.0, 1.0], size) * rng.uniform(1.0, 2.0, size)
     y_min = float(np.min(np.abs(values[np.asarray(mask) > 0])))
     delta = float(rng.uniform(0.1, 0.5) * y_min)
-    objective = Completion(dims, _all_indices(dims), jnp.asarray(values),
-                           HuberLoss(jnp.asarray(delta)), weights=mask)
-    model = CP.gaussian(key, dims, rank, float(rng.uniform(0.05, 0.2)))
+    objective = Completion(dims, _all_indices(dims), values, HuberLoss(jnp.asarray(delta)),
+                           weights=mask)
+    model = _cp_init(rng, dims, rank, float(rng.uniform(0.05, 0.2)))
     rho = 0.5 * (y_min - delta)
     flow = _huber_flow(1e9, rho)
+    factors = [np.asarray(f) for f in model.factors]
     alone = tuple(  # component r with every other component deleted (set to 0)
-        Case(CP(tuple(f * (jnp.arange(rank) == r).astype(f.dtype) for f in model.factors)),
-             objective, flow)
+        Case(CP(tuple(jnp.asarray(f * _one_hot(rank, r)) for f in factors)), objective, flow)
         for r in range(rank))
     return Case(model, objective, flow,
                 f"order {order}, dims {d}, R={rank}, |Ω|={m}, δ={delta:.2g}, ρ={rho:.2g}",
@@ -283,15 +325,15 @@ def _dmf_case(key, bucket=DMF_BUCKETS[0], balanced=False):
     shape = (dims[-1], dims[0])
     size = shape[0] * shape[1]
     m = int(rng.integers(max(2, size // 3), size + 1))
-    k_truth, k_init, k_end = jr.split(key, 3)
-    objective = Completion.from_tensor(jr.normal(k_truth, shape), _all_indices(shape),
-                                       weights=_mask(rng, size, m))
+    mask = _mask(rng, size, m)
     scale = float(rng.uniform(0.3, 0.8))
-    if balanced:
-        end = jr.normal(k_end, shape)
-        model = DeepMatrix.balanced(k_init, scale * end / jnp.linalg.norm(end), dims)
-    else:
-        model = DeepMatrix.gaussian(k_init, dims, scale)
+    objective = Completion(shape, _all_indices(shape), rng.standard_normal(size), weights=mask)
+    if balanced:  # the library's construction (§1.3), of a Gaussian end matrix
+        end = rng.standard_normal(shape)
+        model = DeepMatrix.balanced(key, scale * end / np.linalg.norm(end), dims)
+    else:  # DeepMatrix.gaussian: i.i.d. N(0, scale²) entries
+        model = DeepMatrix([jnp.asarray(scale * rng.standard_normal((d_out, d_in)))
+                            for d_in, d_out in zip(dims[:-1], dims[1:])])
     return _accurate_case(model, objective, 10.0 * m, DMF_OBSERVERS,
                           f"dims {dims}, |Ω|={m}, scale {scale:.2g}, "
                           f"{'balanced' if balanced else 'Gaussian'}", DMF_SAVES)
@@ -337,11 +379,11 @@ def _rc_case(key, bucket=RC_BUCKETS[0], perturbed=False):
     else:
         z, z2, eps = 1.0, 1.0, 0.0
     sign = float(np.sign(z * z2))
-    end = jr.normal(key, (2, 2))
-    end = end if float(jnp.sign(jnp.linalg.det(end))) == sign else end[::-1]
+    end = rng.standard_normal((2, 2))
+    end = end if float(np.sign(np.linalg.det(end))) == sign else end[::-1]
     scale = float(rng.uniform(0.02, 0.2))
-    model = DeepMatrix.balanced(key, scale * end / jnp.linalg.norm(end), (2,) * (depth + 1))
-    objective = Completion((2, 2), jnp.array([[0, 1], [1, 0], [1, 1]]), jnp.array([z, z2, eps]))
+    model = DeepMatrix.balanced(key, scale * end / np.linalg.norm(end), (2,) * (depth + 1))
+    objective = Completion((2, 2), np.array([[0, 1], [1, 0], [1, 1]]), np.array([z, z2, eps]))
     loss_tol = float(10 ** rng.uniform(-6, -4))
     return Case(model, objective,
                 dict(t1=1e14, loss_tol=loss_tol, observers=am.RC_OBSERVERS,
@@ -353,7 +395,13 @@ def _rc_case(key, bucket=RC_BUCKETS[0], perturbed=False):
 
 
 def _rc_residual(tr, case):
-    measures = am.rc_measures(tr, case.extra["z"], case.extra["z2"], case.extra["eps"])
+    """`rc_bound_report`'s violation. The saves are padded to one length by repeating the
+    last one (the worst ratios over the saves are unchanged), so that the JAX
+    operations of `rc_measures` compile once per run, not once per trajectory length."""
+    rows = len(case.flow["save_times"]) + 1
+    pad = lambda x: np.concatenate([x, np.repeat(x[-1:], rows - len(x), axis=0)])
+    saved = {name: pad(np.asarray(tr[name])) for name in ("loss", *am.RC_OBSERVERS)}
+    measures = am.rc_measures(saved, case.extra["z"], case.extra["z2"], case.extra["eps"])
     return am.rc_bound_report(measures)["violation"]
 
 
@@ -395,18 +443,31 @@ _TREES = {"binary": ModeTree.binary, "adjacent": ModeTree.adjacent,
           "interleaved": ModeTree.interleaved}
 
 
+@functools.partial(jax.jit, static_argnames=("dims", "tree", "widths"))
+def _htf_balanced(key, scale, *, dims, tree, widths):
+    """`HTF.balanced` as one compiled program per bucket."""
+    return HTF.balanced(key, dims, tree, widths, scale)
+
+
+def _htf_gaussian(rng, dims, tree, widths, std) -> HTF:
+    """`HTF.gaussian`: i.i.d. N(0, std²) entries in matrices of its shapes."""
+    shapes = jax.eval_shape(lambda: HTF.gaussian(jr.key(0), dims, tree, widths, 1.0)).weights
+    return HTF(tree, [jnp.asarray(std * rng.standard_normal(w.shape)) for w in shapes])
+
+
 def _htf_case(key, bucket=HTF_BUCKETS[0], balanced=False):
     rng = _rng(key)
     dims = tuple(bucket["dims"])
     tree = _TREES[bucket["tree"]](len(dims))
     widths, size = bucket["widths"], math.prod(dims)
     m = int(rng.integers(10, min(40, size) + 1))
-    k_truth, k_init = jr.split(key)
-    objective = Completion.from_tensor(random_cp_tensor(k_truth, dims, 2), _all_indices(dims),
-                                       weights=_mask(rng, size, m))
+    mask = _mask(rng, size, m)
     scale = float(rng.uniform(0.3, 0.7))
-    make = HTF.balanced if balanced else HTF.gaussian
-    model = make(k_init, dims, tree, widths, scale)
+    objective = Completion(dims, _all_indices(dims), _truth(rng, dims), weights=mask)
+    if balanced:
+        model = _htf_balanced(key, jnp.asarray(scale), dims=dims, tree=tree, widths=widths)
+    else:
+        model = _htf_gaussian(rng, dims, tree, widths, scale)
     return _accurate_case(model, objective, 30.0 * m, HTF_OBSERVERS,
                           f"tree {tree.structure}, dims {dims}, widths {widths}, |Ω|={m}, "
                           f"scale {scale:.2g}, {'balanced' if balanced else 'Gaussian'}")
@@ -481,10 +542,10 @@ def _product_case(key, bucket=CP_BUCKETS[0]):
     order, d, rank = bucket["order"], bucket["dims"], bucket["rank"]
     dims, size = (d,) * order, d**order
     w0, y = float(10 ** rng.uniform(-3, -1)), float(rng.uniform(0.5, 2.0))
-    first = jnp.zeros((d, 1)).at[0, 0].set(w0 ** (1 / order))
+    first = _one_hot(d, 0, w0 ** (1 / order))[:, None]
     model = _pad_components((first,) * order, rank)
-    objective = Completion(dims, _all_indices(dims), jnp.zeros(size).at[0].set(y),
-                           weights=jnp.zeros(size).at[0].set(1.0))
+    objective = Completion(dims, _all_indices(dims), _one_hot(size, 0, y),
+                           weights=_one_hot(size, 0))
     t1 = 1.5 * oracle.product_flow_time(w0, 0.5 * y, y, order)
     return _accurate_case(model, objective, t1, CP_OBSERVERS,
                           f"N={order} (in {d}^{order}, R={rank}), w0={w0:.2g}, y={y:.2g}",
@@ -516,13 +577,12 @@ def _aligned_case(key, bucket=DMF_BUCKETS[0]):
     k = min(dims[0], dims[-1], 3)
     y = np.sort(rng.uniform(0.5, 2.0, k))[::-1]
     sigma0 = np.sort(rng.uniform(0.01, 0.05, k))[::-1]  # no crossings: compare by index
-    k_u, k_v, k_init = jr.split(key, 3)
-    u, v = _orthonormal(k_u, dims[-1], k), _orthonormal(k_v, dims[0], k)
+    u, v = _orthonormal(rng, dims[-1], k), _orthonormal(rng, dims[0], k)
     # the objective averages; the closed forms sum (docs: theory/closed-forms):
     m = dims[0] * dims[-1]  # flow time = m × theory time
-    objective = Completion.from_tensor((u * jnp.asarray(y)) @ v.T,
-                                       _all_indices((dims[-1], dims[0])), weights=jnp.ones(m))
-    model = DeepMatrix.balanced(k_init, (u * jnp.asarray(sigma0)) @ v.T, dims)
+    objective = Completion((dims[-1], dims[0]), _all_indices((dims[-1], dims[0])),
+                           ((u * y) @ v.T).ravel(), weights=np.ones(m))
+    model = DeepMatrix.balanced(key, (u * sigma0) @ v.T, dims)
     t1 = m * max(oracle.product_flow_time(s, 0.9 * yr, yr, depth) for s, yr in zip(sigma0, y))
     return _accurate_case(model, objective, t1, DMF_OBSERVERS,
                           f"dims {dims}, y={np.round(y, 2).tolist()}", DMF_SAVES,
@@ -558,10 +618,10 @@ def _odeco_case(key, bucket=CP_BUCKETS[0]):
     dims = (d,) * order
     c = np.sort(rng.uniform(0.5, 2.0, d))[::-1]
     a = float(rng.uniform(0.01, 0.05))
-    us = [_orthonormal(k, d, d) for k in jr.split(key, order)]
-    truth = CP(tuple(u * jnp.asarray(c) ** (1 / order) for u in us)).full()
+    us = [_orthonormal(rng, d, d) for _ in range(order)]
+    truth = _cp_full([u * c ** (1 / order) for u in us])
     scale = d**order
-    objective = Completion.from_tensor(truth, _all_indices(dims), weights=jnp.ones(scale))
+    objective = Completion(dims, _all_indices(dims), truth, weights=np.ones(scale))
     t1 = scale * oracle.product_flow_time(a**order, 0.8 * c[-1], c[-1], order)
     return _accurate_case(_pad_components(tuple(a * u for u in us), rank), objective, t1,
                           CP_OBSERVERS,
@@ -601,9 +661,9 @@ def _escape_case(key, bucket=HUBER_BUCKETS[0]):
     y, a = float(rng.uniform(1.0, 3.0)), float(rng.uniform(0.02, 0.1))
     delta = float(rng.uniform(0.1, 0.5) * y)
     rho = 0.5 * (y - delta)
-    objective = Completion(dims, _all_indices(dims), jnp.zeros(size).at[0].set(y),
-                           HuberLoss(jnp.asarray(delta)), weights=jnp.zeros(size).at[0].set(1.0))
-    model = _pad_components((jnp.zeros((d, 1)).at[0, 0].set(a),) * order, rank)
+    objective = Completion(dims, _all_indices(dims), _one_hot(size, 0, y),
+                           HuberLoss(jnp.asarray(delta)), weights=_one_hot(size, 0))
+    model = _pad_components((_one_hot(d, 0, a)[:, None],) * order, rank)
     expected = oracle.constant_gamma_hitting_time(a**order, rho, delta, order)
     return Case(model, objective, _huber_flow(10 * expected, rho),
                 f"N={order} (in {d}^{order}, R={rank}), a={a:.2g}, δ={delta:.2g}",

@@ -81,8 +81,8 @@ register(Check(
 register(Check(
     "diagonal-limit-depth",
     "depth-D diagonal net from u=v=α: lim β(t) = argmin Q^D_α s.t. Xβ=y",
-    "D ∈ {3, 4}, ℓ2 regression, n < d, α log-uniform in [1e-2, 10]",
-    lambda key, bucket: _limit_case(key, bucket["depth"], (-2.0, 1.0)),
+    "D ∈ {3, 4}, ℓ2 regression, n < d, α log-uniform in [1e-3, 10]",
+    lambda key, bucket: _limit_case(key, bucket["depth"], (-3.0, 1.0)),
     _limit_residual,
     1e-6,
     DEPTH_BUCKETS,

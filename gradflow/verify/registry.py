@@ -2,19 +2,29 @@
 
 **How a run is solved.** [`gradflow.verify.run_checks`][] first draws every instance of
 every check it runs, then groups the solves by shape: two solves fall in one group
-when their model, objective and solve settings have the same pytree structure and
-array shapes (values may differ), they observe the same functions and save at the same
-number of times. Each group is stacked along a leading axis and integrated by one
-compiled, `jax.vmap`-ed solve (`gradflow._solve.build`/`run`, the solve behind
-[`gradflow.flow`][]) that saves the model at the save times; the observers are then
-evaluated on the saved models by a second compiled program. A run thus compiles two
-programs per shape, not one per instance, and groups span checks (the CP checks share
-their solves). The built-in checks draw their instances from a few fixed shape
-*buckets* (instance `k` uses bucket `k % len(check.buckets)`) so that every group
-holds many instances. A check whose instances have random shapes, or whose observers
-close over per-instance values, still works: its solves just form groups of one. A
-group whose batched solve raises is solved again one instance at a time with
-[`gradflow.flow`][], so an error names its instance.
+when their model, objective and solve settings have the same pytree structure, static
+values and array shapes (values may differ) and they save at the same number of times
+(what they observe does not matter). Each group is stacked along a leading axis and
+integrated by one compiled, `jax.vmap`-ed solve (`gradflow._solve.build`/`run`, the
+solve behind [`gradflow.flow`][]) that saves the model at the save times; the
+observers are then evaluated on the saved models by a second compiled program, one per
+set of observers. A run thus compiles about two programs per shape, not one per
+instance, and groups span checks (the CP checks share their solves). The built-in
+checks draw their instances from a few fixed shape *buckets* (instance `k` uses bucket
+`k % len(check.buckets)`) so that every group holds many instances. A check whose
+instances have random shapes, or whose observers close over per-instance values,
+still works: its solves just form groups of one. A group whose batched solve raises
+is solved again one instance at a time with [`gradflow.flow`][], so an error names its
+instance; so is an instance whose batched solve ended non-finite (inside the batched
+programs Equinox's runtime checks give NaN instead of raising, see below).
+
+**Programs on disk.** When JAX's persistent compilation cache is on (the command line
+turns it on), each batched program is traced once, exported with `jax.export` and
+kept beside JAX's cache (`gradflow.verify._cache`); a later run loads it instead of
+tracing it, and JAX's cache supplies the compiled executable. A run whose programs are
+all kept spends its time drawing, running the solves and computing residuals.
+`gradflow.verify.registry.compiled_programs()` counts the programs traced and
+loaded.
 
 **Reproducibility.** Instance `k` of a check is drawn from the key
 `fold_in(key(seed), crc32(name) + k)`, whatever else runs; `case=K` (`gradflow verify
@@ -567,8 +577,9 @@ def _solve_chunk(signature, members):
     and, per observer key, the observations at the save times and at the end."""
     parts = [eqx.partition(s.problem, eqx.is_array) for s in members]
     static = parts[0][1]
+    # stacked in NumPy: jnp.stack would compile a program per leaf shape
     dyn_leaves, dyn_treedef = jax.tree.flatten(
-        jax.tree.map(lambda *xs: jnp.stack(xs), *[p[0] for p in parts]))
+        jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *[p[0] for p in parts]))
     model_treedef = jax.tree.structure(members[0].problem.model)
     save_ts = jnp.asarray(np.stack([s.save_ts for s in members]))
     size = len(members)
