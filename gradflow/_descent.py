@@ -99,11 +99,11 @@ def rms_normalized(
         ```
     """
     if not callable(learning_rate):
-        check_positive("learning_rate", learning_rate)
-    check_positive("decay", decay, allow_zero=True)
+        check_positive("learning_rate", learning_rate, scalar=True)
+    check_positive("decay", decay, allow_zero=True, scalar=True)
     if not decay < 1:
         raise ValueError(f"`decay` must be in [0, 1), got {decay!r}.")
-    check_positive("eps", eps, allow_zero=True)
+    check_positive("eps", eps, allow_zero=True, scalar=True)
 
     def init(params):
         dtype = jax.tree.leaves(params)[0].dtype

@@ -54,12 +54,33 @@ def check_finite(name: str, x) -> list[Pending]:
     return []
 
 
+def check_scalar(name: str, x) -> None:
+    """`x` is one number: a Python or NumPy number or an array without axes (traced
+    or not), not a string, None, a sequence or an array with axes. Every argument a
+    docstring calls "a number" or "a scalar" (an init's `std`, `scale`, `alpha`, a
+    tolerance) is checked with it, so that `std=[1.0, 2.0]` is refused, not broadcast."""
+    if isinstance(x, (str, bytes)) or x is None:
+        raise ArgumentTypeError(f"`{name}` must be a number, got {x!r}.")
+    try:
+        ndim = np.ndim(x)
+    except (TypeError, ValueError):  # a ragged sequence
+        raise ArgumentTypeError(f"`{name}` must be a number, got {x!r}.") from None
+    if ndim != 0:
+        raise ValueError(f"`{name}` must be a number (a scalar), got {_brief(x)}.")
+
+
+def check_number(name: str, x) -> list[Pending]:
+    """`x` one real, finite number (see `check_scalar`; traced: checked at run time)."""
+    check_scalar(name, x)
+    return check_finite(name, x)
+
+
 def check_positive(name: str, x, *, allow_zero: bool = False, below=None,
                    scalar: bool = False) -> list[Pending]:
-    """`x` (a number or array; a number if `scalar`) finite and > 0 (>= 0 with
-    `allow_zero`), and < `below`."""
-    if scalar and (isinstance(x, (str, bytes)) or np.ndim(x) != 0):
-        raise ValueError(f"`{name}` must be a number (a scalar), got {x!r}.")
+    """`x` (a number or array; one number, see `check_scalar`, if `scalar`) finite and
+    > 0 (>= 0 with `allow_zero`), and < `below`."""
+    if scalar:
+        check_scalar(name, x)
     bound = "must be >= 0" if allow_zero else "must be > 0"
     if below is not None:
         bound += f" and < {below}"
@@ -86,6 +107,18 @@ def check_positive(name: str, x, *, allow_zero: bool = False, below=None,
 class ArgumentTypeError(TypeError, ValueError):
     """An argument of the wrong type: a `TypeError`, and a `ValueError` for code that
     catches bad arguments as values."""
+
+
+def as_array(name: str, x) -> jax.Array:
+    """`x` as a JAX array (traced or not); None, a string, or anything JAX cannot convert
+    (ragged lists, objects) is refused naming `name`."""
+    if x is None or isinstance(x, (str, bytes)):
+        raise ArgumentTypeError(f"`{name}` must be an array of numbers, got {x!r}.")
+    try:
+        return jnp.asarray(x)
+    except (TypeError, ValueError) as error:
+        raise ArgumentTypeError(f"`{name}` must be an array of numbers, got "
+                                f"{type(x).__name__} ({error}).") from None
 
 
 def check_int(name: str, x, *, minimum: int = 1) -> int:
@@ -230,6 +263,12 @@ def check_path(name: str, path, *, kind: str = "file"):
     if kind == "folder" and not path.is_dir():
         raise ValueError(f"`{name}`: {path} is not a folder.")
     return path
+
+
+def _brief(x) -> str:
+    """`x` for a message: its repr, or its shape when that would be long."""
+    text = repr(x)
+    return text if len(text) <= 60 else f"an array of shape {np.shape(x)}"
 
 
 def _show(arr: np.ndarray) -> str:

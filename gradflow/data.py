@@ -37,7 +37,7 @@ def random_cp_tensor(
         float(jnp.linalg.norm(truth))  # 1.0
         ```
     """
-    check_positive("norm", norm)
+    check_positive("norm", norm, scalar=True)
     tensor = CP.gaussian(key, dims, rank, 1.0).full()
     return norm * tensor / jnp.linalg.norm(tensor)
 
@@ -90,6 +90,6 @@ def random_htf_tensor(
 
     **Returns:** a float64 array of shape `dims`.
     """
-    check_positive("norm", norm)
+    check_positive("norm", norm, scalar=True)
     tensor = HTF.gaussian(key, dims, tree, tree.layer_widths(ranks), 1.0).full()
     return norm * tensor / jnp.linalg.norm(tensor)

@@ -20,7 +20,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
-from ._validate import check_dims, check_finite, check_int, check_positive, concrete
+from ._validate import as_array, check_dims, check_finite, check_int, check_positive, concrete
 from .models.base import AbstractFactorization
 from .models.stacked import StackedCP
 
@@ -54,9 +54,7 @@ class HuberLoss(AbstractLoss):
     delta: Float[ArrayLike, ""]
 
     def __check_init__(self):
-        if np.ndim(self.delta) != 0:
-            raise ValueError(f"`delta` must be a scalar, got shape {np.shape(self.delta)}.")
-        check_positive("delta", self.delta)
+        check_positive("delta", self.delta, scalar=True)
 
     def __call__(self, residual):
         a = jnp.abs(residual)
@@ -287,7 +285,7 @@ class Completion(AbstractObjective):
             trajectory = gf.flow(model, train, t1=1e9, observers={"test": gf.observers.held_out_loss(test)})
             ```
         """
-        check_positive("test_fraction", test_fraction, below=1)
+        check_positive("test_fraction", test_fraction, below=1, scalar=True)
         m = self.num_observations
         if m < 2:
             raise ValueError(f"`split` needs at least 2 observations, got {m}.")
@@ -379,7 +377,7 @@ class Sensing(AbstractObjective):
         num = check_int("num", num)
         if std is None:
             std = 1.0 / math.sqrt(tensor.size)
-        check_positive("std", std)
+        check_positive("std", std, scalar=True)
         # drawn as one (num, D) matrix: XLA compiles the generator for a matrix several
         # times faster than for a high-order array of the same size
         flat = std * jr.normal(key, (num, tensor.size), tensor.dtype)
@@ -459,10 +457,7 @@ def _check_loss(loss) -> AbstractLoss:
 
 def _real(name: str, x):
     """`x` as a real floating-point JAX array (ints are converted; complex is refused)."""
-    try:
-        arr = jnp.asarray(x)
-    except TypeError:
-        raise TypeError(f"`{name}` must be an array of real numbers, got {type(x).__name__}.") from None
+    arr = as_array(name, x)
     if jnp.issubdtype(arr.dtype, jnp.complexfloating):
         raise TypeError(f"`{name}` must be real, got complex dtype {arr.dtype}.")
     if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ import jax
 import numpy as np
 
 from ._status import Status
+from ._validate import check_path
 
 
 @dataclasses.dataclass
@@ -74,7 +76,7 @@ class Trajectory:
         **Returns:** the path written, as a `pathlib.Path`.
         """
         path = Path(path)
-        arrays = {"ts": np.asarray(self.ts)}
+        arrays: dict[str, Any] = {"ts": np.asarray(self.ts)}
         for prefix, tree in (("obs", self.observations), ("final", self.final)):
             for name, value in tree.items():
                 for i, leaf in enumerate(jax.tree.leaves(value)):
@@ -106,7 +108,8 @@ class Trajectory:
 
         **Arguments:**
 
-        - `path`: a file written by [`gradflow.Trajectory.save`][].
+        - `path`: a file written by [`gradflow.Trajectory.save`][] (anything else, a
+          missing file or a folder is a `ValueError` naming `path`).
         - `like`: optional, a model with the structure of the saved final model.
 
         **Returns:** a [`gradflow.Trajectory`][].
@@ -118,17 +121,12 @@ class Trajectory:
             again = gf.Trajectory.load("runs/run.npz", like=model)
             ```
         """
-        with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(str(data["meta"]))
-            groups: dict[str, dict[str, list]] = {"obs": {}, "final": {}}
-            model_leaves = []
-            for key in sorted(data.files, key=_natural):
-                parts = key.split("/")
-                if parts[0] in groups:
-                    groups[parts[0]].setdefault(parts[1], []).append(data[key])
-                elif parts[0] == "model":
-                    model_leaves.append(data[key])
-            ts = data["ts"]
+        path = check_path("path", path, kind="file")
+        try:
+            meta, ts, groups, model_leaves = _read(path)
+        except _UNREADABLE as error:
+            raise ValueError(f"`path`: {path} is not a trajectory written by "
+                             f"`Trajectory.save` ({type(error).__name__}: {error}).") from None
         unpack = lambda d: {k: v[0] if len(v) == 1 else v for k, v in d.items()}
         model = model_leaves
         if like is not None:
@@ -143,6 +141,37 @@ class Trajectory:
             stats=meta["stats"],
             config=meta["config"],
         )
+
+
+_UNREADABLE = (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile)
+_META_KEYS = ("t_final", "status", "stats", "config")
+
+
+def _read(path: Path):
+    """(meta, ts, {"obs": ..., "final": ...}, model leaves) of a file `save` wrote; an
+    error of `_UNREADABLE` for anything else."""
+    # The file is opened here, so that it is closed when NumPy fails to read it.
+    with open(path, "rb") as file:
+        data = np.load(file, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("a single array (.npy), not an .npz archive")
+        with data:
+            missing = [k for k in ("meta", "ts") if k not in data.files]
+            if missing:
+                raise KeyError(f"no {' or '.join(map(repr, missing))} entry")
+            meta = json.loads(str(data["meta"]))
+            if not isinstance(meta, dict) or not all(k in meta for k in _META_KEYS):
+                raise ValueError(f"its meta entry is not a dict with {list(_META_KEYS)}")
+            groups: dict[str, dict[str, list]] = {"obs": {}, "final": {}}
+            model_leaves = []
+            for key in sorted(data.files, key=_natural):
+                parts = key.split("/")
+                if parts[0] in groups:
+                    groups[parts[0]].setdefault(parts[1], []).append(data[key])
+                elif parts[0] == "model":
+                    model_leaves.append(data[key])
+            ts = data["ts"]
+    return meta, ts, groups, model_leaves
 
 
 def _rebuild(like, leaves, saved_class, path):

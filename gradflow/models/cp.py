@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
-from .._validate import check_dims, check_finite, check_float_dtype, check_int, check_positive
+from .._validate import check_dims, check_float_dtype, check_int, check_number, check_positive
 from .base import AbstractAdditiveFactorization
 
 
@@ -149,8 +149,8 @@ class CP(AbstractAdditiveFactorization):
         """
         dims = _check_cp_args(dims, rank)
         check_float_dtype("dtype", dtype)
-        check_positive("std", std, allow_zero=True)
-        check_finite("mean", mean)
+        check_positive("std", std, allow_zero=True, scalar=True)
+        check_number("mean", mean)
         keys = jr.split(key, len(dims))
         std = jnp.asarray(std, dtype)
         mean = jnp.asarray(mean, dtype)

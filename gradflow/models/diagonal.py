@@ -7,7 +7,7 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
-from .._validate import check_float_dtype, check_int, check_positive, concrete
+from .._validate import as_array, check_float_dtype, check_int, check_positive, concrete
 from .base import AbstractAdditiveFactorization
 
 
@@ -53,8 +53,8 @@ class DiagonalNet(AbstractAdditiveFactorization):
     dim: int = eqx.field(static=True)
 
     def __init__(self, u, v, depth: int = 2, *, coordinates=None, dim=None):
-        self.u = jnp.asarray(u)
-        self.v = jnp.asarray(v)
+        self.u = as_array("u", u)
+        self.v = as_array("v", v)
         self.depth = check_int("depth", depth, minimum=2)
         if coordinates is None:
             if dim is not None:
@@ -188,7 +188,7 @@ class DiagonalNet(AbstractAdditiveFactorization):
         """
         d = check_int("d", d)
         check_float_dtype("dtype", dtype)
-        check_positive("std", std)
+        check_positive("std", std, scalar=True)
         k_u, k_v = jr.split(key)
         std = jnp.asarray(std, dtype)
         return cls(std * jr.normal(k_u, (d,), dtype), std * jr.normal(k_v, (d,), dtype), depth)

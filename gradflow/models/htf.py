@@ -483,7 +483,7 @@ class HTF(AbstractBlockFactorization):
         """
         shapes = _weight_shapes(dims, tree, widths)
         check_float_dtype("dtype", dtype)
-        check_positive("std", std, allow_zero=True)
+        check_positive("std", std, allow_zero=True, scalar=True)
         std = jnp.asarray(std, dtype)
         keys = jr.split(key, len(shapes))
         return cls(tree, [std * jr.normal(k, s, dtype) for k, s in zip(keys, shapes)])
@@ -517,7 +517,7 @@ class HTF(AbstractBlockFactorization):
         """
         shapes = _weight_shapes(dims, tree, widths)
         check_float_dtype("dtype", dtype)
-        check_positive("scale", scale, allow_zero=True)
+        check_positive("scale", scale, allow_zero=True, scalar=True)
         factor = [1.0] * tree.num_nodes  # s_v / scale
         for v in reversed(tree.interior):  # parents before children
             for c in tree.children[v]:

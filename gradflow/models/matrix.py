@@ -125,7 +125,7 @@ class DeepMatrix(AbstractFactorization):
         """
         dims = check_dims("dims", dims, min_len=2)
         check_float_dtype("dtype", dtype)
-        check_positive("std", std, allow_zero=True)
+        check_positive("std", std, allow_zero=True, scalar=True)
         if det_sign is not None:
             if det_sign not in (1, -1) or isinstance(det_sign, bool):
                 raise ValueError(f"`det_sign` must be +1, -1 or None, got {det_sign!r}.")
@@ -174,7 +174,7 @@ class DeepMatrix(AbstractFactorization):
         """
         dims = check_dims("dims", dims, min_len=2)
         check_float_dtype("dtype", dtype)
-        check_positive("scale", scale, allow_zero=True)
+        check_positive("scale", scale, allow_zero=True, scalar=True)
         scale = jnp.asarray(scale, dtype)
         layers = []
         for k, d_in, d_out in zip(jr.split(key, len(dims) - 1), dims[:-1], dims[1:]):
@@ -207,7 +207,7 @@ class DeepMatrix(AbstractFactorization):
         """
         dims = check_dims("dims", dims, min_len=2)
         check_float_dtype("dtype", dtype)
-        check_positive("bound", bound, allow_zero=True)
+        check_positive("bound", bound, allow_zero=True, scalar=True)
         bound = jnp.asarray(bound, dtype)
         layers = [
             bound * jr.uniform(k, (d_out, d_in), dtype, minval=-1.0, maxval=1.0)
@@ -237,7 +237,7 @@ class DeepMatrix(AbstractFactorization):
         **Returns:** a `DeepMatrix`; a model whose end matrix is 0 cannot be rescaled
         (a `ValueError` when concrete).
         """
-        check_positive("end_scale", end_scale)
+        check_positive("end_scale", end_scale, scalar=True)
         current = self.end_scale()
         now = concrete(current)
         if now is not None and not now > 0:
@@ -333,7 +333,7 @@ class DeepMatrix(AbstractFactorization):
         check_float_dtype("dtype", dtype)
         if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
             raise ValueError(f"`depth` must be a positive int, got {depth!r}.")
-        check_positive("alpha", alpha)
+        check_positive("alpha", alpha, scalar=True)
         root = jnp.asarray(alpha, dtype) ** (1.0 / depth)
         return cls([root * jnp.eye(d, dtype=dtype) for _ in range(depth)])
 
