@@ -27,12 +27,11 @@ has a factor of the component itself), and entries that are not part of it have 
 
 **Drawing is cheap too.** An instance's random values come from a NumPy generator
 seeded by its key (`_rng`), and its truth and init are built in NumPy with the
-distributions of the library's constructors (`CP.gaussian`, `CP.balanced`,
-`random_cp_tensor`, `DeepMatrix.gaussian`, `HTF.gaussian`); the constructions with
-more to them are the library's own (`DeepMatrix.balanced`, and `HTF.balanced` as one
-compiled program per bucket). Drawn with JAX operations one by one, instances cost a
-small XLA compilation per operation and shape, several hundred per run: a third of a
-run whose solves were cached.
+distributions and constructions of the library's constructors (`CP.gaussian`,
+`CP.balanced`, `random_cp_tensor`, `DeepMatrix.gaussian`, `DeepMatrix.balanced`,
+`HTF.gaussian`; `HTF.balanced` itself, as one compiled program per bucket). Drawn with
+JAX operations one by one, instances cost a small XLA compilation per operation and
+shape, several hundred per run: a third of a run whose solves were cached.
 """
 
 import functools
@@ -137,6 +136,24 @@ def _cp_init(rng, dims, rank, scale, balanced=False) -> CP:
         v = rng.standard_normal((d, rank))
         factors.append(scale * v / np.linalg.norm(v, axis=0) if balanced else scale * v)
     return CP(tuple(jnp.asarray(f) for f in factors))
+
+
+def _balanced_deep(rng, end, dims) -> DeepMatrix:
+    """`DeepMatrix.balanced`'s construction (§1.3): with the thin SVD `end = U S Vᵀ` of
+    rank k and random `Q_j` with orthonormal columns (`d_j × k`) for the hidden layers,
+    `W_1 = Q_1 S^(1/L) Vᵀ`, `W_j = Q_j S^(1/L) Q_(j-1)ᵀ`, `W_L = U S^(1/L) Q_(L-1)ᵀ`
+    (singular values below 1e-12 σ_max count as zero): every `C_j` is zero and the
+    product is `end`. Depth L >= 2, hidden widths >= rank(end) >= 1."""
+    u, s, vt = np.linalg.svd(np.asarray(end, dtype=float), full_matrices=False)
+    k = int(np.sum(s > 1e-12 * s.max()))
+    depth = len(dims) - 1
+    if depth < 2 or k < 1 or min(dims[1:-1]) < k:
+        raise ValueError(f"no balanced init of depth {depth} with widths {dims} for this end.")
+    u, root, vt = u[:, :k], s[:k] ** (1.0 / depth), vt[:k]
+    qs = [_orthonormal(rng, d, k) for d in dims[1:-1]]
+    layers = [qs[0] * root @ vt, *(qs[j] * root @ qs[j - 1].T for j in range(1, depth - 1)),
+              u * root @ qs[-1].T]
+    return DeepMatrix([jnp.asarray(w) for w in layers])
 
 
 def _pad_components(factors, rank):
@@ -328,9 +345,9 @@ def _dmf_case(key, bucket=DMF_BUCKETS[0], balanced=False):
     mask = _mask(rng, size, m)
     scale = float(rng.uniform(0.3, 0.8))
     objective = Completion(shape, _all_indices(shape), rng.standard_normal(size), weights=mask)
-    if balanced:  # the library's construction (§1.3), of a Gaussian end matrix
+    if balanced:  # §1.3's construction, of a Gaussian end matrix
         end = rng.standard_normal(shape)
-        model = DeepMatrix.balanced(key, scale * end / np.linalg.norm(end), dims)
+        model = _balanced_deep(rng, scale * end / np.linalg.norm(end), dims)
     else:  # DeepMatrix.gaussian: i.i.d. N(0, scale²) entries
         model = DeepMatrix([jnp.asarray(scale * rng.standard_normal((d_out, d_in)))
                             for d_in, d_out in zip(dims[:-1], dims[1:])])
@@ -382,7 +399,7 @@ def _rc_case(key, bucket=RC_BUCKETS[0], perturbed=False):
     end = rng.standard_normal((2, 2))
     end = end if float(np.sign(np.linalg.det(end))) == sign else end[::-1]
     scale = float(rng.uniform(0.02, 0.2))
-    model = DeepMatrix.balanced(key, scale * end / np.linalg.norm(end), (2,) * (depth + 1))
+    model = _balanced_deep(rng, scale * end / np.linalg.norm(end), (2,) * (depth + 1))
     objective = Completion((2, 2), np.array([[0, 1], [1, 0], [1, 1]]), np.array([z, z2, eps]))
     loss_tol = float(10 ** rng.uniform(-6, -4))
     return Case(model, objective,
@@ -582,7 +599,7 @@ def _aligned_case(key, bucket=DMF_BUCKETS[0]):
     m = dims[0] * dims[-1]  # flow time = m × theory time
     objective = Completion((dims[-1], dims[0]), _all_indices((dims[-1], dims[0])),
                            ((u * y) @ v.T).ravel(), weights=np.ones(m))
-    model = DeepMatrix.balanced(key, (u * sigma0) @ v.T, dims)
+    model = _balanced_deep(rng, (u * sigma0) @ v.T, dims)
     t1 = m * max(oracle.product_flow_time(s, 0.9 * yr, yr, depth) for s, yr in zip(sigma0, y))
     return _accurate_case(model, objective, t1, DMF_OBSERVERS,
                           f"dims {dims}, y={np.round(y, 2).tolist()}", DMF_SAVES,

@@ -36,6 +36,7 @@ another compiled program.
 import concurrent.futures
 import dataclasses
 import os
+import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -485,9 +486,28 @@ def _avals(args) -> list:
     return [[list(np.shape(x)), str(x.dtype)] for x in args]
 
 
+_EXECUTION = threading.Lock()
+"""Held while a program of verify runs (a batched program, a solve alone, a residual):
+one at a time, while others are traced and compiled. XLA's CPU LAPACK kernels split a
+batch over the intra-op thread pool and wait for it, so two programs with batched
+SVDs or LU factorizations running at once on a pool of two threads (two cores) wait
+for each other forever."""
+
+
+def _compile(function, args, trace: bool):
+    """`function` jitted with `COMPILER_OPTIONS` and compiled for `args` (traced in
+    Equinox's nan mode when it is traced here)."""
+    jitted = jax.jit(function, compiler_options=COMPILER_OPTIONS)
+    if not trace:
+        return jitted.lower(args).compile()
+    with _cache.errors_as_nan():
+        return jitted.lower(args).compile()
+
+
 def _build(name, describe, function, args, use_disk=True):
-    """The program `name`: already built, loaded from disk, or traced (and then exported
-    and kept on disk when the folder of `_cache` is set and its key can be written)."""
+    """The compiled program `name`: already built, loaded from disk, or traced (and then
+    exported and kept on disk when the folder of `_cache` is set and its key can be
+    written); `((executable, entry name or None, loaded), whether built now)`."""
     if name in _PROGRAMS:
         return _PROGRAMS[name], False
     entry = None
@@ -497,10 +517,14 @@ def _build(name, describe, function, args, use_disk=True):
         except _cache.Uncacheable:
             entry = None
     exported = _cache.load(entry) if entry is not None and use_disk else None
+    program = None
     if exported is not None:
-        _LOADED[0] += 1
-        program = (jax.jit(exported.call, compiler_options=COMPILER_OPTIONS), entry, True)
-    elif entry is not None:
+        try:
+            program = (_compile(exported.call, args, trace=False), entry, True)
+            _LOADED[0] += 1
+        except Exception:  # an entry that does not compile: trace the program again
+            _cache.discard(entry)
+    if program is None and entry is not None:
         with _cache.errors_as_nan():
             try:
                 exported = jax.export.export(jax.jit(function))(args)
@@ -513,11 +537,9 @@ def _build(name, describe, function, args, use_disk=True):
                 _cache.store(entry, data)
             except Exception:  # an output that cannot be written down: keep it in memory
                 pass
-            program = (jax.jit(exported.call, compiler_options=COMPILER_OPTIONS), None, False)
-        else:
-            program = (jax.jit(function, compiler_options=COMPILER_OPTIONS), None, False)
-    else:
-        program = (jax.jit(function, compiler_options=COMPILER_OPTIONS), None, False)
+            program = (_compile(exported.call, args, trace=False), None, False)
+    if program is None:
+        program = (_compile(function, args, trace=True), None, False)
     _PROGRAMS[name] = program
     return program, True
 
@@ -527,7 +549,7 @@ def _call(name, describe, function, args):
     program loaded from disk that does not run is discarded and traced again."""
     (program, entry, loaded), built = _build(name, describe, function, args)
     try:
-        with _cache.errors_as_nan():
+        with _EXECUTION:
             return jax.device_get(program(args)), built
     except Exception:
         if not loaded:
@@ -535,7 +557,7 @@ def _call(name, describe, function, args):
     _cache.discard(entry)
     _PROGRAMS.pop(name, None)
     (program, _, _), _ = _build(name, describe, function, args, use_disk=False)
-    with _cache.errors_as_nan():
+    with _EXECUTION:
         return jax.device_get(program(args)), True
 
 
@@ -612,7 +634,8 @@ def _solve_alone(solve: _Solve) -> None:
     _ALONE[0] += 1
     start = time.perf_counter()
     try:
-        solve.trajectory = flow(solve.case.model, solve.case.objective, **solve.case.flow)
+        with _EXECUTION:
+            solve.trajectory = flow(solve.case.model, solve.case.objective, **solve.case.flow)
     except Exception as error:
         solve.error = _error_text(error)
     solve.seconds += time.perf_counter() - start
@@ -678,7 +701,8 @@ def _residual(instance: _Instance) -> None:
     case = instance.case
     case.companion_trajectories = [s.trajectory for s in instance.solves[1:]]
     try:
-        instance.value = float(instance.check.residual(instance.solves[0].trajectory, case))
+        with _EXECUTION:
+            instance.value = float(instance.check.residual(instance.solves[0].trajectory, case))
     except Exception as error:  # a residual that raises is a failed instance
         instance.error = _error_text(error)
     instance.seconds += time.perf_counter() - start
