@@ -34,7 +34,9 @@ another compiled program.
 """
 
 import concurrent.futures
+import contextlib
 import dataclasses
+import math
 import os
 import threading
 import time
@@ -444,7 +446,6 @@ def _solve_function(static, dyn_treedef):
     n = dyn_treedef.num_leaves
 
     def solve(args):
-        _TRACES[0] += 1
 
         def one(dyn, ts):
             out = _solve.run(eqx.combine(dyn, static), ts, _STATE)
@@ -461,23 +462,31 @@ def _solve_function(static, dyn_treedef):
 
 
 def _observe_function(static, dyn_treedef, model_treedef, observers):
-    """The vmapped observers of a shape on flat inputs (the saved states' leaves, their
-    times, the dynamic leaves of the problems), evaluated on every saved state (kept out
-    of the solve loop, they are compiled once instead of once per save site, and the
-    solve program stays small)."""
+    """The observers of a shape on flat inputs (the saved states' leaves, their times,
+    the dynamic leaves of the problems), evaluated on every saved state of every member,
+    one state after the other (`lax.map`). They are kept out of the solve loop (compiled
+    once instead of once per save site, and the solve program stays small), and they
+    are not vmapped: XLA's CPU LAPACK kernels split a batch of matrices over the
+    intra-op thread pool and wait for it, so two independent batched factorizations
+    (an observer's SVD and another's eigendecomposition) running at once on a pool of
+    two threads (two cores) wait for each other forever; one matrix at a time, they do
+    not split."""
     m = model_treedef.num_leaves
 
     def observe(args):
-        _TRACES[0] += 1
         states = jax.tree.unflatten(model_treedef, args[:m])
+        times = args[m]
         dynamic = jax.tree.unflatten(dyn_treedef, args[m + 1:])
+        members, saves = times.shape
 
-        def one(models, times, dyn):
-            objective = eqx.combine(dyn, static).objective
-            return jax.vmap(lambda mod, t: {n: fn(t, mod, objective)
-                                            for n, fn in observers.items()})(models, times)
+        def one(index):
+            b, s = index // saves, index % saves
+            model = jax.tree.map(lambda x: x[b, s], states)
+            objective = eqx.combine(jax.tree.map(lambda x: x[b], dynamic), static).objective
+            return {n: fn(times[b, s], model, objective) for n, fn in observers.items()}
 
-        return jax.vmap(one)(states, args[m], dynamic)
+        values = jax.lax.map(one, jnp.arange(members * saves))
+        return jax.tree.map(lambda x: x.reshape(members, saves, *x.shape[1:]), values)
 
     return observe
 
@@ -492,6 +501,23 @@ one at a time, while others are traced and compiled. XLA's CPU LAPACK kernels sp
 batch over the intra-op thread pool and wait for it, so two programs with batched
 SVDs or LU factorizations running at once on a pool of two threads (two cores) wait
 for each other forever."""
+
+
+_WAITED = threading.local()
+
+
+@contextlib.contextmanager
+def _executing():
+    """Hold `_EXECUTION`; the time spent waiting for it is added up per thread (it is
+    not a check's time)."""
+    start = time.perf_counter()
+    with _EXECUTION:
+        _WAITED.seconds = _waited() + time.perf_counter() - start
+        yield
+
+
+def _waited() -> float:
+    return getattr(_WAITED, "seconds", 0.0)
 
 
 def _compile(function, args, trace: bool):
@@ -540,6 +566,8 @@ def _build(name, describe, function, args, use_disk=True):
             program = (_compile(exported.call, args, trace=False), None, False)
     if program is None:
         program = (_compile(function, args, trace=True), None, False)
+    if not program[2]:
+        _TRACES[0] += 1
     _PROGRAMS[name] = program
     return program, True
 
@@ -549,7 +577,7 @@ def _call(name, describe, function, args):
     program loaded from disk that does not run is discarded and traced again."""
     (program, entry, loaded), built = _build(name, describe, function, args)
     try:
-        with _EXECUTION:
+        with _executing():
             return jax.device_get(program(args)), built
     except Exception:
         if not loaded:
@@ -557,7 +585,7 @@ def _call(name, describe, function, args):
     _cache.discard(entry)
     _PROGRAMS.pop(name, None)
     (program, _, _), _ = _build(name, describe, function, args, use_disk=False)
-    with _EXECUTION:
+    with _executing():
         return jax.device_get(program(args)), True
 
 
@@ -565,12 +593,14 @@ def _solve_group(group: list[_Solve]) -> bool:
     """Integrate every pending solve of a group, in chunks; whether a program was built
     (traced or loaded) for it."""
     todo = [s for s in group if s.trajectory is None and s.error is None]
-    size = min(len(todo), CHUNK)
+    if not todo:
+        return False
+    size = math.ceil(len(todo) / math.ceil(len(todo) / CHUNK))  # chunks of equal size
     built = False
     for i in range(0, len(todo), size):
         chunk = todo[i:i + size]
         members = chunk + [chunk[j % len(chunk)] for j in range(size - len(chunk))]
-        start = time.perf_counter()
+        start, waited = time.perf_counter(), _waited()
         try:
             out, observed, new = _solve_chunk(chunk[0].signature, members)
             built |= new
@@ -578,7 +608,7 @@ def _solve_group(group: list[_Solve]) -> bool:
             for s in chunk:
                 _solve_alone(s)
             continue
-        share = (time.perf_counter() - start) / len(chunk)
+        share = (time.perf_counter() - start - (_waited() - waited)) / len(chunk)
         for j, s in enumerate(chunk):
             s.seconds += share
             s.owner.seconds += share
@@ -632,14 +662,15 @@ def _solve_chunk(signature, members):
 
 def _solve_alone(solve: _Solve) -> None:
     _ALONE[0] += 1
-    start = time.perf_counter()
-    try:
-        with _EXECUTION:
+    with _executing():
+        start = time.perf_counter()
+        try:
             solve.trajectory = flow(solve.case.model, solve.case.objective, **solve.case.flow)
-    except Exception as error:
-        solve.error = _error_text(error)
-    solve.seconds += time.perf_counter() - start
-    solve.owner.seconds += time.perf_counter() - start
+        except Exception as error:
+            solve.error = _error_text(error)
+        seconds = time.perf_counter() - start
+    solve.seconds += seconds
+    solve.owner.seconds += seconds
 
 
 def _trajectory(out, observed, j, solve: _Solve, batch: int, wall: float) -> Trajectory:
@@ -697,15 +728,16 @@ def _residual(instance: _Instance) -> None:
     if failed is not None:
         instance.error = failed.error
         return
-    start = time.perf_counter()
     case = instance.case
     case.companion_trajectories = [s.trajectory for s in instance.solves[1:]]
-    try:
-        with _EXECUTION:
-            instance.value = float(instance.check.residual(instance.solves[0].trajectory, case))
-    except Exception as error:  # a residual that raises is a failed instance
-        instance.error = _error_text(error)
-    instance.seconds += time.perf_counter() - start
+    with _executing():
+        start = time.perf_counter()
+        try:
+            instance.value = float(instance.check.residual(instance.solves[0].trajectory,
+                                                           case))
+        except Exception as error:  # a residual that raises is a failed instance
+            instance.error = _error_text(error)
+        instance.seconds += time.perf_counter() - start
 
 
 def _result(check: Check, instances: list[_Instance], seed: int, compiled: dict) -> Result:
