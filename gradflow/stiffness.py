@@ -55,6 +55,12 @@ class AbstractStiffness(eqx.Module):
         """The approximate Jacobian at `model`; `previous` is the last one built (or
         None), for methods that refine it (warm starts)."""
 
+    def cost(self, model) -> float:
+        """Roughly how many gradient evaluations one `linearise` costs at a model of
+        `model`'s shapes: [`gradflow.AutoStiff`][] asks W steps to be that much longer
+        than explicit ones before it keeps taking them."""
+        return 4.0
+
 
 class _ZeroLinearisation(AbstractLinearisation):
     def matvec(self, x):
@@ -75,6 +81,9 @@ class Explicit(AbstractStiffness):
 
     def linearise(self, model, objective, previous=None):
         return _ZeroLinearisation()
+
+    def cost(self, model) -> float:
+        return 0.0
 
 
 def _power_curvature(matvec, size: int, dtype, iterations: int = 12) -> Float[Array, ""]:
@@ -276,6 +285,11 @@ class GaussNewtonSubspace(AbstractStiffness):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
 
+    def cost(self, model) -> float:
+        # a Gauss-Newton product (a JVP and a VJP) is about two gradients; `iterations`
+        # products of the basis and one for Rayleigh-Ritz per refresh
+        return 2.0 * self.rank * (self.iterations + 1)
+
     def linearise(self, model, objective, previous=None):
         flat, unravel = ravel_pytree(model)
         predict = lambda v: objective.predict(unravel(v))
@@ -310,6 +324,9 @@ class DenseHessian(AbstractStiffness):
 
     **Arguments:** none.
     """
+
+    def cost(self, model) -> float:
+        return 2.0 * sum(x.size for x in jax.tree.leaves(model) if eqx.is_array(x))
 
     def linearise(self, model, objective, previous=None):
         flat, unravel = ravel_pytree(model)
