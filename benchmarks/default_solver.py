@@ -166,19 +166,29 @@ def main(args):
         results.append(result)
         print(json.dumps(result, default=float), flush=True)
         _common.write_results("default_solver_partial", {"results": results}, quiet=True)
-    _common.write_results("default_solver", {"results": results, "args": vars(args)}, args.out)
-    print("\n| problem | scale | default (explicit / W steps) | Tsit5 | previous default | "
-          "default / best | target |")
-    print("|---|---|---|---|---|---|---|")
+    table = markdown_table(results)
+    _common.write_results("default_solver", {"results": results, "args": vars(args),
+                                             "table": table}, args.out)
+    print("\n" + table)
+
+
+def markdown_table(results) -> str:
+    """One row per problem and scale: wall time and steps of each solver, the ratio."""
+    lines = ["| problem | scale | default (explicit / W steps) | Tsit5 | previous default | "
+             "default / best | target |", "|---|---|---|---|---|---|---|"]
+    cell = lambda row: (f"{row['wall_s']:.2f} s, {row['steps']:,} steps"
+                        + ("" if row["finished"] else f" [{row['status']}]"))
     for r in results:
-        cell = lambda row: (f"{row['wall_s']:.1f} s, {row['steps']:,} steps"
-                            + ("" if row["finished"] else f" [{row['status']}]"))
         d = r["rows"]["default"]
         prev = r["rows"].get("previous default")
-        print(f"| {r['problem']} | {r['scale']:g} | {cell(d)} ({d['explicit_steps']} / "
-              f"{d['stiff_steps']}) | {cell(r['rows']['tsit5'])} | "
-              f"{cell(prev) if prev else '= Tsit5'} | {r['ratio']:.2f} | "
-              f"{'met' if r['met'] else 'MISSED'} |")
+        lines.append(
+            f"| {r['problem']} | {r['scale']:g} | {cell(d)} ({d['explicit_steps']} / "
+            f"{d['stiff_steps']}) | {cell(r['rows']['tsit5'])} | "
+            f"{cell(prev) if prev else '= Tsit5'} | {r['ratio']:.2f} | "
+            f"{'met' if r['met'] else 'MISSED'} |")
+    met = sum(r["met"] for r in results)
+    lines += ["", f"{met} of {len(results)} met (default ≤ 1.25 × the better of the others)."]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
