@@ -14,7 +14,7 @@
   does not download them; point `load_idx` at your own copy.
 - [`read_idx`][gradflow.datasets.read_idx] / [`write_idx`][gradflow.datasets.write_idx]:
   the IDX format itself, and [`binarize`][gradflow.datasets.binarize] (black and white
-  images, as in the tensor-factorization paper's §5.2).
+  images, as in the tensor-factorization paper's Sec. 5.2).
 """
 
 import dataclasses
@@ -123,8 +123,9 @@ def load_digits(test_fraction: float = 0.3, seed: int = 0) -> ImageDataset:
         raise ImportError("`load_digits` needs scikit-learn (`pip install scikit-learn`).") from e
     if not 0 < test_fraction < 1:
         raise ValueError(f"`test_fraction` must be in (0, 1), got {test_fraction!r}.")
-    digits = _sk_load_digits()
-    images, labels = digits.images, digits.target.astype(np.int64)
+    digits = _sk_load_digits()  # a Bunch (a tuple only with return_X_y=True)
+    images = digits.images  # pyright: ignore[reportAttributeAccessIssue]
+    labels = digits.target.astype(np.int64)  # pyright: ignore[reportAttributeAccessIssue]
     order = np.random.default_rng(seed).permutation(len(labels))
     n_test = int(round(test_fraction * len(labels)))
     test, train = np.sort(order[:n_test]), np.sort(order[n_test:])

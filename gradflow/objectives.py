@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 from jax.flatten_util import ravel_pytree
-from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Float, Int, Integer, PRNGKeyArray
 
 from ._validate import as_array, check_dims, check_finite, check_int, check_positive, concrete
 from .models.base import AbstractFactorization
@@ -396,7 +396,7 @@ class GroupedFits(AbstractObjective):
     and groups of each fit's mean loss, so every fit sees exactly its own gradient:
     Adam, SGD or any per-coordinate optimizer then runs all fits at once exactly as it
     would run them one by one (e.g. one-vs-all tasks x ranks x data sets, Razin,
-    Maman & Cohen, ICML 2021, §5.2).
+    Maman & Cohen, ICML 2021, Sec. 5.2).
 
     **Arguments:**
 
@@ -408,7 +408,7 @@ class GroupedFits(AbstractObjective):
     """
 
     shape: tuple[int, ...] = eqx.field(static=True)
-    inputs: Int[Array, "B m N"]
+    inputs: Integer[Array, "B m N"]  # e.g. uint8 pixels
     values: Float[Array, "B m G"]
     groups: Float[Array, "Rb G"]
     loss: AbstractLoss

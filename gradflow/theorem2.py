@@ -1,6 +1,6 @@
 r"""Theorem 2 of the tensor-factorization paper: CP under Huber loss follows a rank-one trajectory.
 
-Razin, Maman & Cohen (ICML 2021), §4, Theorem 2 (docs: Theory › Theorem 2 and the Huber
+Razin, Maman & Cohen (ICML 2021), Sec. 4, Theorem 2 (docs: Theory › Theorem 2 and the Huber
 loss, §3.7–3.9). Under Assumption 1 (Huber $\delta_h<|y|$ on every observation),
 Assumption 2 (balanced init) and Assumption 3 (one component aligned with
 $-\nabla\mathcal L(0)$ and large enough compared with the others), gradient flow from
@@ -20,11 +20,12 @@ This module gives
   $\Delta(\alpha)$, all solved with [`gradflow.flow`][].
 
 Only tensor completion (`gradflow.Completion`) with `gradflow.HuberLoss` is covered, as in
-the paper's §4.
+the paper's Sec. 4.
 """
 
 import dataclasses
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -69,7 +70,7 @@ def check_assumption1(objective: Completion) -> float:
             "Assumption 1 is about the Huber loss: the objective's loss is "
             f"{type(objective.loss).__name__}, pass `loss=gradflow.HuberLoss(delta)`."
         )
-    delta = float(objective.loss.delta)
+    delta = float(np.asarray(objective.loss.delta))
     y = np.abs(np.asarray(objective.values))
     i = int(np.argmin(y))
     if not y[i] > delta:
@@ -86,7 +87,7 @@ def check_assumption1(objective: Completion) -> float:
 
 
 def assumption2(model: CP, tolerance: float = 1e-12) -> Verdict:
-    r"""Assumption 2: unbalancedness magnitude 0 (§3.3).
+    r"""Assumption 2 (§3.7): the unbalancedness magnitude (Definition 1, §3.3) is 0.
 
     The value is $\epsilon$ relative to the largest $\|\mathbf a_r^n\|^2$ (the scale of
     its rounding error), held to `tolerance`.
@@ -361,7 +362,7 @@ def protocol(
 
     _, leading, gamma0, _ = _assumption3(init, objective)
     p_leading = float(init.component_norms()[leading])
-    kw = dict(solver=solver, rtol=rtol, atol=atol, max_steps=max_steps)
+    kw: dict[str, Any] = dict(solver=solver, rtol=rtol, atol=atol, max_steps=max_steps)
     observers = {"end_tensor": lambda t, m, o: m.full(), "end_norm": lambda t, m, o: m.norm()}
     grid = np.linspace(0.0, float(T), num_saves)
     runs = []

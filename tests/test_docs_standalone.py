@@ -88,3 +88,76 @@ def test_mkdocs_loads_no_remote_javascript():
     assert "javascripts/mathjax/tex-mml-chtml.js" in scripts, (
         f"MathJax is not loaded from the site's own copy: extra_javascript = {scripts}"
     )
+
+
+# "§N.M" (and "§N.M–N.K", "§N") always means a section of the project's theory pages:
+# a paper's own sections are written "Sec. N". A cited section must exist there.
+SECTION = re.compile(r"§(\d+)(?:\.(\d+))?(?:\s*[–-]\s*§?(?:(\d+)\.)?(\d+))?")
+FENCE = re.compile(r"^```.*?^```", re.M | re.S)
+THEORY = ROOT / "docs" / "theory"
+# "the paper's §5.2", "ICML 2021, §4", "Boyd et al. 2011, §3": a paper's section
+PAPER_SECTION = re.compile(r"(paper'?s?|et al\.?|ICML|NeurIPS|ICLR|COLT|\b(?:19|20)\d\d\)?),?\s*§")
+
+
+def _sections(text: str) -> set[str]:
+    """Every section a text names: "§2.3–2.4" is 2.3 and 2.4, "§1–§2" is 1 and 2."""
+    found = set()
+    for match in SECTION.finditer(text):
+        chapter, first, end_chapter, last = match.groups()
+        if first is None:  # a chapter, or a range of chapters
+            found.add(chapter)
+            if last is not None and end_chapter is None:
+                found.update(str(c) for c in range(int(chapter) + 1, int(last) + 1))
+            continue
+        stop = int(last) if last is not None and end_chapter in (None, chapter) else int(first)
+        found.update(f"{chapter}.{m}" for m in range(int(first), stop + 1))
+        if end_chapter not in (None, chapter):  # §4.5–5.1: both ends
+            found.add(f"{end_chapter}.{last}")
+    return found
+
+
+def _defined_sections() -> set[str]:
+    """The sections the theory pages define: those in a heading (outside code blocks),
+    and the chapters the index names ("§1 deep matrix factorization, ...")."""
+    defined = set()
+    for page in sorted(THEORY.glob("*.md")):
+        text = FENCE.sub("", page.read_text(encoding="utf-8"))
+        for heading in re.findall(r"^#{1,6}\s+(.*)$", text, re.M):
+            defined |= _sections(heading)
+    index = (THEORY / "index.md").read_text(encoding="utf-8")
+    defined |= set(re.findall(r"§(\d+) [a-zA-Z]", index))
+    return defined
+
+
+def test_section_reference_parsing():
+    assert _sections("(§2.3–2.4) §1–§2, §5 and §3.7-3.9; §4.1, §4.7.") == {
+        "2.3", "2.4", "1", "2", "5", "3.7", "3.8", "3.9", "4.1", "4.7"}
+    for cited in ("the paper's §5.2", "ICML 2021, §4", "(Boyd et al. 2011, §3.4.1)",
+                  "Razin & Cohen (NeurIPS 2020) §2"):
+        assert PAPER_SECTION.search(cited), cited
+    assert not PAPER_SECTION.search("Theorem 2 (§3.7), the docs' §5.2 and ICML 2021, Sec. 4")
+
+
+def test_every_cited_section_exists_in_the_theory_pages():
+    defined = _defined_sections()
+    assert {"1.2", "3.7", "3.8", "3.9", "5", "1", "4"} <= defined, sorted(defined)
+    missing = []
+    for path in _candidate_files():
+        relative = path.relative_to(ROOT)
+        if relative.parts[0] not in ("gradflow", "docs") and relative.name != "README.md":
+            continue
+        text = _text(path)
+        if text is None:
+            continue
+        for lineno, line in enumerate(text.splitlines(), 1):
+            for section in sorted(_sections(line) - defined):
+                missing.append(f"{relative}:{lineno}: §{section}: {line.strip()[:100]}")
+            if PAPER_SECTION.search(line):
+                missing.append(f"{relative}:{lineno}: a paper's section written with §: "
+                               f"{line.strip()[:100]}")
+    assert not missing, (
+        "these lines cite a section that no heading of docs/theory/*.md defines; add the "
+        "statement (with its assumptions and source paper) under a heading '§N.M ...' of "
+        "the right theory page, or cite the section that has it (a paper's own section "
+        "is written 'Sec. N'):\n" + "\n".join(missing)
+    )

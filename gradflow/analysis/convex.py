@@ -155,7 +155,7 @@ def _svd(matrix):
 def _shrink(matrix, threshold):
     """Singular value thresholding: $U\\max(S-\\tau,0)V^\\top$."""
     u, s, vt = _svd(matrix)
-    return (u * jnp.maximum(s - threshold, 0.0)) @ vt
+    return (u * jnp.maximum(s - threshold, 0.0)[None, :]) @ vt
 
 
 @functools.partial(jax.jit, static_argnums=(3,))
@@ -180,7 +180,7 @@ def _admm(mask, observed, tol, max_iters):
         primal = jnp.linalg.norm(x - z_new)
         dual = rho * jnp.linalg.norm(z_new - z)
         done = (primal <= tol * jnp.linalg.norm(z_new)) & (dual <= tol * rho * jnp.linalg.norm(u))
-        # residual balancing (Boyd et al. 2011, §3.4.1); U is scaled by 1/rho
+        # residual balancing (Boyd et al. 2011, Sec. 3.4.1); U is scaled by 1/rho
         factor = jnp.where(primal > 10 * dual, 2.0, jnp.where(dual > 10 * primal, 0.5, 1.0))
         factor = jnp.where(i % 10 == 9, factor, 1.0).astype(dtype)
         return x, z_new, u / factor, rho * factor, i + 1, done

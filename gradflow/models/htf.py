@@ -101,8 +101,8 @@ class ModeTree:
             )
         if num_modes < 2:
             raise ValueError(f"`structure` must hold at least 2 modes, got {structure!r}.")
-        children = [()] * num_modes
-        modes = [(n,) for n in range(num_modes)]
+        children: list[tuple[int, ...]] = [()] * num_modes
+        modes: list[tuple[int, ...]] = [(n,) for n in range(num_modes)]
         height = [0] * num_modes
 
         def visit(node) -> int:
@@ -115,7 +115,7 @@ class ModeTree:
             return len(children) - 1
 
         visit(structure)
-        parent = [None] * len(children)
+        parent: list[int | None] = [None] * len(children)
         for v, kids in enumerate(children):
             for k in kids:
                 parent[k] = v
@@ -231,7 +231,7 @@ class ModeTree:
 
     @classmethod
     def binary(cls, num_modes: int) -> "ModeTree":
-        """The balanced binary tree pooling adjacent modes, the default (§4.1, §4.7)."""
+        """The balanced binary tree pooling adjacent modes, the default (§4.1)."""
         return cls.pooling(num_modes, 2, "adjacent")
 
     @classmethod
@@ -286,10 +286,10 @@ class HTF(AbstractBlockFactorization):
         ```
     """
 
-    weights: tuple[Float[Array, "rows cols"], ...]
+    weights: tuple[Float[Array, "_rows _cols"], ...]  # one shape per node
     tree: ModeTree = eqx.field(static=True)
 
-    def __init__(self, tree: ModeTree, weights: Sequence[Float[ArrayLike, "rows cols"]]):
+    def __init__(self, tree: ModeTree, weights: Sequence[Float[ArrayLike, "_rows _cols"]]):
         if not isinstance(tree, ModeTree):
             raise TypeError(
                 f"`tree` must be a gradflow ModeTree (e.g. ModeTree.binary(4)), got {tree!r}."
@@ -366,8 +366,7 @@ class HTF(AbstractBlockFactorization):
         for v in tree.interior:
             pooled[v] = math.prod(acts[c] for c in tree.children[v])
             acts.append(pooled[v] @ ws[v])
-        adjoint = [None] * tree.num_nodes
-        adjoint[tree.root] = jnp.ones_like(acts[tree.root])
+        adjoint = {tree.root: jnp.ones_like(acts[tree.root])}
         for v in reversed(tree.interior):  # parents before children
             up = adjoint[v] @ ws[v].T
             for c in tree.children[v]:
@@ -380,7 +379,7 @@ class HTF(AbstractBlockFactorization):
             blocks.append((left[:, :, None] * adjoint[v][:, None, :]).reshape(len(left), -1))
         return jnp.concatenate(blocks, axis=1)
 
-    def select(self, size: int) -> tuple[Int[Array, " k"], ...]:
+    def select(self, size: int) -> tuple[Int[Array, " _k"], ...]:
         """The `size` largest local components at every interior node (by $P_{\nu,r}$),
         one index array per node of `tree.interior`."""
         norms = self.local_component_norms()
@@ -395,7 +394,8 @@ class HTF(AbstractBlockFactorization):
         out = []
         for v, w in enumerate(self.weights):
             rows = jnp.arange(w.shape[0]) if tree.is_leaf(v) else chosen[v]
-            cols = jnp.zeros(1, rows.dtype) if tree.parent[v] is None else chosen[tree.parent[v]]
+            p = tree.parent[v]
+            cols = jnp.zeros(1, rows.dtype) if p is None else chosen[p]
             out.append((rows, cols))
         return out
 
@@ -431,7 +431,7 @@ class HTF(AbstractBlockFactorization):
         gaps = jnp.concatenate([(s[:-1] - s[-1:]).ravel() for s in sq])
         return gaps, jnp.max(jnp.stack([jnp.max(s) for s in sq]))
 
-    def local_vector_norms(self) -> dict[int, Float[Array, "K R"]]:
+    def local_vector_norms(self) -> dict[int, Float[Array, "_K _R"]]:
         r"""The norms of the $K_\nu$ vectors of every local component (§4.2).
 
         **Returns:** `{v: array (K_v, R_v)}` for every interior node `v`: row `k`
@@ -447,7 +447,7 @@ class HTF(AbstractBlockFactorization):
             for v in tree.interior
         }
 
-    def local_component_norms(self) -> dict[int, Float[Array, " R"]]:
+    def local_component_norms(self) -> dict[int, Float[Array, " _R"]]:
         r"""$P_{\nu,r}$ per interior node: `{v: array (R_v,)}` (§4.2)."""
         return {v: jnp.prod(n, axis=0) for v, n in self.local_vector_norms().items()}
 
@@ -585,6 +585,6 @@ def _weight_shapes(dims, tree, widths) -> list[tuple[int, int]]:
         raise ValueError(f"`widths` must be ints >= 1, got {widths!r}.")
     rows = list(dims) + [int(r) for r in widths]
     return [
-        (rows[v], 1 if tree.parent[v] is None else rows[tree.parent[v]])
-        for v in range(tree.num_nodes)
+        (rows[v], 1 if p is None else rows[p])
+        for v, p in enumerate(tree.parent)
     ]

@@ -2,12 +2,12 @@
 
 For predictors of very high order on discrete inputs (a binarized image of P pixels
 is an entry of an order-P tensor with mode dimension 2: Razin, Maman & Cohen, ICML
-2021, §5.2), where a product of P factor entries under- or overflows on the way.
+2021, Sec. 5.2), where a product of P factor entries under- or overflows on the way.
 """
 
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float, Int, Integer
 
 from .base import AbstractAdditiveFactorization
 from .cp import CP
@@ -63,7 +63,7 @@ class StackedCP(AbstractAdditiveFactorization):
         [`component_values`][gradflow.StackedCP.component_values])."""
         return _component_values(self.weights, indices).sum(axis=-1)
 
-    def component_values(self, inputs: Int[Array, "m N"]) -> Float[Array, "m R"]:
+    def component_values(self, inputs: Integer[Array, "m N"]) -> Float[Array, "m R"]:
         r"""$\prod_n\mathbf w_r^n[x_n]$ for every input $x$ (row of `inputs`) and
         component $r$ (column), in log domain: see
         [`gradflow.models.stacked.component_values`][]."""
@@ -86,7 +86,7 @@ class StackedCP(AbstractAdditiveFactorization):
         return StackedCP(self.weights.at[:, :, components].set(sub.weights))
 
 
-def component_values(model: CP | StackedCP, inputs: Int[Array, "m N"]) -> Float[Array, "m R"]:
+def component_values(model: CP | StackedCP, inputs: Integer[Array, "m N"]) -> Float[Array, "m R"]:
     r"""$\prod_n\mathbf w_r^n[x_n]$ for every input $x$ (row) and component $r$ (column).
 
     Computed in log domain, as $s_r(x)\exp\big(\sum_n\log|\mathbf w_r^n[x_n]|\big)$
@@ -121,14 +121,12 @@ def _component_values(stacked, inputs):
     negative = (stacked < 0).astype(jnp.float32)
     # sum_n f[n, x_n] = sum_n f[n, 0] + sum_{b >= 1} 1[x = b] @ (f[:, b] - f[:, 0]):
     # d - 1 matrix products (one for binary inputs).
-    log_sum = jnp.sum(logabs[:, 0, :], axis=0)
-    negatives = jnp.sum(negative[:, 0, :], axis=0)
+    shape = (inputs.shape[0], stacked.shape[2])  # (m, R)
+    log_sum = jnp.broadcast_to(jnp.sum(logabs[:, 0, :], axis=0), shape)
+    negatives = jnp.broadcast_to(jnp.sum(negative[:, 0, :], axis=0), shape)
     for b in range(1, d):
         hit = inputs == b
         log_sum = log_sum + hit.astype(dtype) @ (logabs[:, b, :] - logabs[:, 0, :])
         negatives = negatives + hit.astype(jnp.float32) @ (negative[:, b, :] - negative[:, 0, :])
-    if d == 1:
-        log_sum = jnp.broadcast_to(log_sum, (inputs.shape[0],) + log_sum.shape)
-        negatives = jnp.broadcast_to(negatives, log_sum.shape)
     sign = (1.0 - 2.0 * jnp.mod(negatives, 2.0)).astype(dtype)
     return sign * jnp.exp(log_sum)
