@@ -8,7 +8,7 @@ observers are evaluated only at the chosen steps.
 
 import math
 import time
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import equinox as eqx
 import jax
@@ -127,8 +127,8 @@ def rms_normalized(
 
 def _projected_step(updates, grads, state):
     """$h=\\langle-u,g\\rangle/\\|g\\|^2$ (0 where $g=0$): the step along $-g$."""
-    num = -optax.tree_utils.tree_vdot(updates, grads)
-    den = optax.tree_utils.tree_vdot(grads, grads)
+    num = -jnp.asarray(optax.tree_utils.tree_vdot(updates, grads))
+    den = jnp.asarray(optax.tree_utils.tree_vdot(grads, grads))
     return safe_divide(num, den)
 
 
@@ -404,7 +404,7 @@ def _optimizer(optimizer, model, dtype):
         raise ValueError(
             f"`optimizer` (the learning rate of plain gradient descent) must be > 0, got {rate}."
         )
-    state = _SGD.init(model)
+    state = cast(optax.InjectHyperparamsState, _SGD.init(model))
     state.hyperparams["learning_rate"] = lr  # in the state: another η does not recompile
     return _SGD.update, _gd_step, state, {"optimizer": "gd", "learning_rate": rate}
 

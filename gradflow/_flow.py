@@ -374,8 +374,8 @@ def flow_through_escape(model, objective, *, escape_norm, loss_tol, t1, observer
     # Both legs have the same stops, save-grid size, t1 and observers, so the second
     # reuses the first's compiled solve (the radius of the second never fires).
     grid = np.concatenate([[0.0], np.geomspace(1e-2, t1, saves - 1)])
-    kwargs = dict(t1=t1, loss_tol=loss_tol, save_times=grid, observers=observers,
-                  throw=False, **solve)
+    kwargs: dict[str, Any] = dict(t1=t1, loss_tol=loss_tol, save_times=grid,
+                                  observers=observers, throw=False, **solve)
     first = None
     if float(model.norm()) < escape_norm:
         first = flow(model, objective, radius=escape_norm, **kwargs)

@@ -207,9 +207,10 @@ def conservation_drift(start: AbstractFactorization, end: AbstractFactorization)
     """The largest change of the model's conserved quantities from `start` to `end`,
     relative to their scale (see `AbstractFactorization.conserved`); `None` if the
     model knows none. Exact gradient flow keeps it at rounding level."""
-    if start.conserved() is None:
+    first, last = start.conserved(), end.conserved()
+    if first is None or last is None:
         return None
-    (before, scale0), (after, scale1) = start.conserved(), end.conserved()
+    (before, scale0), (after, scale1) = first, last
     if before.size == 0:
         return jnp.zeros((), before.dtype)
     scale = jnp.maximum(jnp.maximum(scale0, scale1), jnp.finfo(before.dtype).tiny)
@@ -254,6 +255,8 @@ def run(problem: Problem, save_ts=None, observers=None, *, adjoint=None,
                                                         atol=float(finfo.tiny)))
     subs = []
     if observers is not None:
+        if save_ts is None:
+            raise ValueError("`observers` need `save_ts`.")
         subs = _observing_subs(jnp.minimum(save_ts, t1), observers)
     kwargs = {} if progress is None else {"progress_meter": progress}
     if adjoint is not None:
@@ -274,6 +277,7 @@ def run(problem: Problem, save_ts=None, observers=None, *, adjoint=None,
         throw=False,
         **kwargs,
     )
+    assert sol.ys is not None and sol.ts is not None  # SaveAt(subs=...) saves both
     *observed, final = sol.ys
     *observed_ts, t_end = sol.ts
     end = jax.tree.map(lambda x: x[0], final)
@@ -290,8 +294,9 @@ def run(problem: Problem, save_ts=None, observers=None, *, adjoint=None,
     solver_code = jnp.where(met_at_start, _status.SOLVER_CODES["event"], _solver_code(sol.result))
     status = _status.traced_code(solver_code, stopped, finite)
     stats = {k: sol.stats[k] for k in ("num_steps", "num_accepted_steps", "num_rejected_steps")}
-    if hasattr(problem.solver, "statistics"):  # a solver that counts what its steps did
-        stats |= problem.solver.statistics(sol.solver_state)
+    statistics = getattr(problem.solver, "statistics", None)
+    if statistics is not None:  # a solver that counts what its steps did
+        stats |= statistics(sol.solver_state)
     if problem.stops:  # the near-zero solve of a stop met at the start took no steps
         stats = {k: jnp.where(met_at_start, jnp.zeros_like(v), v) for k, v in stats.items()}
     drift = conservation_drift(model, end)

@@ -268,7 +268,7 @@ def sweep(
             if todo:  # chunks other writers are computing: wait for them
                 time.sleep(POLL_S)
     except BaseException:
-        if made:  # a sweep that failed before its first chunk leaves no folder
+        if made and out is not None:  # a sweep that failed before its first chunk leaves no folder
             try:
                 out.rmdir()
             except OSError:

@@ -12,13 +12,14 @@ import os
 
 import equinox as eqx
 import jax
+from jax.core import Tracer
 import jax.numpy as jnp
 import numpy as np
 
 
 def concrete(x):
     """`x` as a NumPy array, or None when it is traced."""
-    if isinstance(x, jax.core.Tracer):
+    if isinstance(x, Tracer):
         return None
     return np.asarray(x)
 

@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     parsers = {}
     for name, module in EXPERIMENTS.items():
         p = parsers[name] = run_sub.add_parser(
-            name, help=module.__doc__.splitlines()[0], description=module.__doc__,
+            name, help=(module.__doc__ or name).splitlines()[0], description=module.__doc__,
             formatter_class=argparse.RawDescriptionHelpFormatter)
         _config.add_arguments(p, module.Config)
         p.add_argument("--out", type=Path, default=None,
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
             continue
         # the sweep's own flags replace an experiment's settings of those names
         p = parsers["sweep " + name] = sweep_sub.add_parser(
-            name, help=module.__doc__.splitlines()[0], description=module.__doc__,
+            name, help=(module.__doc__ or name).splitlines()[0], description=module.__doc__,
             formatter_class=argparse.RawDescriptionHelpFormatter)
         _config.add_arguments(p, module.Config, exclude=SWEEP_FLAGS)
         p.add_argument("--scales", default="1e-1:1e-3:5",
@@ -130,7 +130,8 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _refuse(error: Exception, parser, args, config_cls) -> NoReturn:
+def _refuse(error: Exception, parser: argparse.ArgumentParser, args,
+            config_cls) -> NoReturn:
     """A setting refused while the command ran (a check that needs the data, or one of
     the library's on a value the experiment passed on) as an argparse error naming the
     flag (exit status 2); any other error is raised as it is."""
@@ -176,7 +177,7 @@ def _sweep(args, parser) -> int:
     return 0
 
 
-def _import(name: str, parser) -> None:
+def _import(name: str, parser: argparse.ArgumentParser) -> None:
     if name.endswith(".py"):
         spec = importlib.util.spec_from_file_location(Path(name).stem, name)
         if spec is None or spec.loader is None or not Path(name).is_file():

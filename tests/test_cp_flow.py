@@ -48,7 +48,7 @@ def test_orthogonally_decomposable_incremental():  # §5.3
     n, d, c, a = 3, 3, np.array([2.0, 1.0, 0.5]), 1e-2
     keys = jr.split(jr.key(0), n)
     us = [jnp.linalg.qr(jr.normal(k, (d, d)))[0] for k in keys]
-    truth = gf.CP(tuple(u * jnp.asarray(c) ** (1 / n) for u in us)).full()
+    truth = gf.CP(tuple(u * jnp.asarray(c)[None, :] ** (1 / n) for u in us)).full()
     idx = jnp.stack(jnp.unravel_index(jnp.arange(d**n), (d,) * n), axis=1)
     objective = gf.Completion.from_tensor(truth, idx)
     model = gf.CP(tuple(a * u for u in us))

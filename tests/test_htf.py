@@ -368,4 +368,4 @@ def test_rank_bound_with_zeroed_components(problem, data):  # H4 (§4.3)
     ranks, bounds, excess = rank_quantities(HTF(tree, ws))
     for v in ranks:
         assert int(ranks[v]) <= int(bounds[v]), (v, tree.structure)
-    assert ah.rank_bound_verdict(excess)
+    assert ah.rank_bound_verdict([excess])  # one save

@@ -29,8 +29,8 @@ def aligned_problem(y, sigma0, dims, seed=0):
     k1, k2, k3 = jr.split(jr.key(seed), 3)
     d0, dl = dims[0], dims[-1]
     u, v = orthonormal(k1, dl, len(y)), orthonormal(k2, d0, len(y))
-    target = (u * jnp.asarray(y)) @ v.T
-    start = (u * jnp.asarray(sigma0)) @ v.T
+    target = (u * jnp.asarray(y)[None, :]) @ v.T
+    start = (u * jnp.asarray(sigma0)[None, :]) @ v.T
     objective = gf.Completion.from_tensor(target, all_indices((dl, d0)))
     return DeepMatrix.balanced(k3, start, dims), objective, dl * d0
 

@@ -324,7 +324,7 @@ def _pinv_psd(gram):
     count as 0, so zero rows and columns stay 0)."""
     lam, vec = jnp.linalg.eigh(gram)
     keep = lam > 1e-13 * jnp.max(lam)
-    return (vec * jnp.where(keep, 1.0 / jnp.where(keep, lam, 1.0), 0.0)) @ vec.T
+    return (vec * jnp.where(keep, 1.0 / jnp.where(keep, lam, 1.0), 0.0)[None, :]) @ vec.T
 
 
 def _als_sweep(tensor, factors):
@@ -359,7 +359,7 @@ def _als_restarts(tensor, keys, rank, padded, max_iters, tol, stall):
             unfolding = jnp.moveaxis(tensor, n, 0).reshape(d, -1)
             u = jnp.linalg.svd(unfolding, full_matrices=False)[0][:, :padded]
             u = jnp.concatenate([u, draw[:, u.shape[1]:]], axis=1)
-            start.append(active * jnp.where(from_svd, u, draw))
+            start.append(active[None, :] * jnp.where(from_svd, u, draw))
         start = tuple(start)
 
         def cond(state):

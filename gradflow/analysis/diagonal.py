@@ -44,6 +44,7 @@ import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, Float
 
 from .._validate import check_int, check_positive_number, check_saved
 from .verdict import Verdict, verdict_tolerance, worst
@@ -52,7 +53,7 @@ from .verdict import Verdict, verdict_tolerance, worst
 # --- conservation ---------------------------------------------------------------------
 
 
-def invariants(model) -> np.ndarray:
+def invariants(model) -> Float[Array, " d"]:
     r"""The conserved quantity of every coordinate of a [`gradflow.DiagonalNet`][]:
     $u_iv_i$ at depth 2, $u_i^{2-D} + v_i^{2-D}$ at depth $D\ge3$.
 
@@ -60,8 +61,8 @@ def invariants(model) -> np.ndarray:
 
     - `model`: a `DiagonalNet` (with non-zero weights at depth $\ge3$).
 
-    **Returns:** an array `(d,)` (a JAX array when called on traced weights, so it can
-    be an observer: `lambda t, m, o: invariants(m)`).
+    **Returns:** a JAX array `(d,)` (traced when the weights are, so it can be an
+    observer: `lambda t, m, o: invariants(m)`).
     """
     u, v, depth = model.u, model.v, model.depth
     if depth == 2:
@@ -120,7 +121,7 @@ def _h_depth(z, depth):
     return (1 - z) ** -p - (1 + z) ** -p
 
 
-def _h_depth_inverse(beta, depth, iterations: int = 200) -> np.ndarray:
+def _h_depth_inverse(beta, depth, iterations: int = 200) -> np.ndarray | float:
     """$h_D^{-1}$ by bisection on (-1, 1) (odd and increasing), to full precision."""
     beta = np.asarray(beta, dtype=float)
     target = np.abs(beta)
@@ -135,7 +136,7 @@ def _h_depth_inverse(beta, depth, iterations: int = 200) -> np.ndarray:
     return np.sign(beta) * 0.5 * (lo + hi)
 
 
-def q_depth2(z) -> np.ndarray:
+def q_depth2(z) -> np.ndarray | float:
     r"""$q(z) = 2 - \sqrt{4 + z^2} + z\operatorname{arcsinh}(z/2)$, Woodworth et al.'s
     depth-2 potential ($q'(z) = \operatorname{arcsinh}(z/2)$, $q(z)\approx z^2/4$ near
     0, $\approx |z|\ln|z|$ at infinity)."""
@@ -143,7 +144,7 @@ def q_depth2(z) -> np.ndarray:
     return 2 - np.sqrt(4 + z**2) + z * np.arcsinh(z / 2)
 
 
-def q_depth(z, depth: int) -> np.ndarray:
+def q_depth(z, depth: int) -> np.ndarray | float:
     r"""$q_D(z) = \int_0^z h_D^{-1}$, Woodworth et al.'s depth-$D$ potential, in closed
     form given $\zeta = h_D^{-1}(z)$: $q_D(z) = z\zeta - \frac{D-2}{2}\big[(1-\zeta)^{-2/(D-2)}
     + (1+\zeta)^{-2/(D-2)} - 2\big]$ (the Legendre transform of $\int h_D$).
@@ -178,7 +179,7 @@ def potential(beta, alpha, depth: int = 2) -> float:
     return float(np.sum(scale * q_depth(beta / scale, depth)))
 
 
-def potential_gradient(beta, alpha, depth: int = 2) -> np.ndarray:
+def potential_gradient(beta, alpha, depth: int = 2) -> np.ndarray | float:
     r"""$\nabla Q_\alpha(\beta)$: $\operatorname{arcsinh}(\beta_i/(2\alpha^2))$ at depth 2,
     $h_D^{-1}(\beta_i/\alpha^D)$ at depth $D$. At the constrained minimiser it lies in
     the row space of $X$ (the KKT condition; see `kkt_residual`)."""
@@ -514,7 +515,7 @@ def saddle_to_saddle(X, y, *, max_saddles: int | None = None, tol: float = 1e-10
 
     X, y = _check_data(X, y)
     n, d = X.shape
-    max_saddles = 4 * d if max_saddles is None else int(max_saddles)
+    max_saddles = 4 * int(d) if max_saddles is None else int(max_saddles)
     grad = lambda b: X.T @ (X @ b - y) / n
     t, beta, s = 0.0, np.zeros(d), np.zeros(d)
     times, betas, duals, activated = [0.0], [beta], [s.copy()], [-1]

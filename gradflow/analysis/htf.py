@@ -203,7 +203,7 @@ def rank_bounds(model: HTF, threshold: float = 0.0) -> dict[int, Int[Array, ""]]
     """
     tree = model.tree
     count = {v: jnp.sum(p > threshold) for v, p in model.local_component_norms().items()}
-    above = {v: count[tree.parent[v]] for v in range(tree.root)}
+    above = {v: count[p] for v, p in enumerate(tree.parent) if p is not None}  # not the root
     return {v: above[v] if tree.is_leaf(v) else jnp.minimum(count[v], above[v]) for v in above}
 
 

@@ -12,6 +12,9 @@ $s=\\sqrt{2m\\mathcal L}$ (with $m=3$ in the 2×2 problem: $s=\\sqrt{6\\mathcal 
 time is $m$ times the time of the half-sum flow.
 """
 
+import functools
+import operator
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,7 +29,7 @@ EIGEN_CUTOFF = 1e-12
 """Eigen/singular values below this fraction of the largest count as zero (§1.4 pitfall)."""
 
 
-def balancedness(model: DeepMatrix) -> tuple[Float[Array, "d_j d_j"], ...]:
+def balancedness(model: DeepMatrix) -> tuple[Float[Array, "_d_j _d_j"], ...]:
     r"""$C_j=W_{j+1}^\top W_{j+1}-W_jW_j^\top$ for $j=1..L-1$, conserved by gradient flow (§1.2)."""
     ws = model.layers
     return tuple(ws[j + 1].T @ ws[j + 1] - ws[j] @ ws[j].T for j in range(len(ws) - 1))
@@ -76,7 +79,7 @@ def psd_power(matrix: Float[Array, "d d"], power: float) -> Float[Array, "d d"]:
     lam, vec = jnp.linalg.eigh(0.5 * (matrix + matrix.T))
     keep = lam > EIGEN_CUTOFF * jnp.max(lam)
     powered = jnp.where(keep, jnp.where(keep, lam, 1.0) ** power, 0.0)
-    return (vec * powered) @ vec.T
+    return (vec * powered[None, :]) @ vec.T
 
 
 def end_to_end_formula(model: DeepMatrix, objective) -> Float[Array, "d_L d_0"]:
@@ -87,7 +90,7 @@ def end_to_end_formula(model: DeepMatrix, objective) -> Float[Array, "d_L d_0"]:
     g = end_gradient(model, objective)
     left, right = w @ w.T, w.T @ w
     terms = [psd_power(left, (j - 1) / n) @ g @ psd_power(right, (n - j) / n) for j in range(1, n + 1)]
-    return -sum(terms)
+    return -functools.reduce(operator.add, terms)
 
 
 

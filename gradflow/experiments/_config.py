@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 import numbers
+import os
 import types
 import typing
 from pathlib import Path
@@ -42,9 +43,10 @@ class SettingError(ValueError):
     """An invalid experiment setting; its message names the field in backquotes."""
 
 
-def setting(default, help: str, choices=None):
-    """A `Config` field with its command-line help (and allowed values)."""
-    metadata = {HELP: help}
+def setting(default, help: str, choices=None) -> typing.Any:
+    """A `Config` field with its command-line help (and allowed values); typed `Any`, as
+    `dataclasses.field` is, so that a field's declared type is what a checker sees."""
+    metadata: dict[str, typing.Any] = {HELP: help}
     if choices is not None:
         metadata[CHOICES] = tuple(choices)
     if isinstance(default, (list, tuple)):
@@ -64,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser, config_cls, exclude=()) -> No
         if field.name in exclude:
             continue
         kind, nargs = _kind(hints[field.name])
-        kwargs = dict(default=field.default, help=_help(field))
+        kwargs: dict[str, typing.Any] = dict(default=field.default, help=_help(field))
         if CHOICES in field.metadata:
             kwargs["choices"] = field.metadata[CHOICES]
         if kind is bool:
@@ -92,7 +94,7 @@ def from_args(config_cls, args: argparse.Namespace, parser: argparse.ArgumentPar
         parser.error(as_flags(str(error), config_cls))
 
 
-def check(condition: bool, name: str, expected: str, value) -> None:
+def check(condition: bool | np.bool_, name: str, expected: str, value) -> None:
     """In `__post_init__`: raise a [`SettingError`][] naming field `name` unless
     `condition`."""
     if not condition:
@@ -181,7 +183,7 @@ def check_rtol(config, name: str = "rtol") -> None:
     machine epsilons of the solve's float dtype (float64, or float32 with
     `GRADFLOW_FLOAT32=1`)."""
     check_number(config, name, 0.0, 1.0)
-    dtype = np.float64 if jax.config.jax_enable_x64 else np.float32
+    dtype = np.float64 if jax.config.read("jax_enable_x64") else np.float32
     floor = MIN_RTOL_EPS * float(np.finfo(dtype).eps)
     value = getattr(config, name)
     check(value >= floor, name, f">= {floor:.1e} ({MIN_RTOL_EPS} machine epsilons of "
@@ -194,6 +196,14 @@ def check_choice(config, name: str, choices) -> None:
     values = value if isinstance(value, tuple) else (value,)
     check(len(values) >= 1 and all(v in choices for v in values), name,
           f"one of {', '.join(map(repr, choices))}", value)
+
+
+@typing.overload
+def output(out: None) -> None: ...
+
+
+@typing.overload
+def output(out: str | os.PathLike) -> Path: ...
 
 
 def output(out) -> Path | None:
@@ -211,6 +221,8 @@ def write_summary(out, summary: dict) -> Path:
     """Write `summary` to `out/summary.json` (the folder created if needed), indented,
     NumPy arrays and scalars as lists and numbers, anything else unknown as its
     `str`; return the file's path."""
+    if out is None:
+        raise ValueError("`out`: `write_summary` needs a folder, got None.")
     path = output(out) / "summary.json"
     path.write_text(json.dumps(summary, indent=2, default=_json))
     return path

@@ -152,9 +152,9 @@ def run(config: Config, out=None, progress: bool = False) -> dict:
     saddles = ad.saddle_to_saddle(Xn, yn) if config.depth == 2 else None
     horizon = 1.25 * float(saddles.times[-1]) if saddles is not None else 1.0
     first = saddles.first_activation() if saddles is not None else {}
-    tracked = np.array(sorted(first, key=first.get), dtype=int)
+    tracked = np.array(sorted(first, key=lambda i: first[i]), dtype=int)
     thresholds = np.array([0.5 * abs(saddles.betas[np.flatnonzero(saddles.activated == i)[0], i])
-                           for i in tracked]) if tracked.size else np.zeros(0)
+                           for i in tracked]) if saddles is not None else np.zeros(0)
     solver = solver_for(config.solver, config.observations)
     risk = lambda b: float(np.sum((b - truth_n) ** 2) / np.sum(truth_n**2))
     rel = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))

@@ -89,7 +89,7 @@ def dmf_problem(config):
     d = config.dmf_dim
     k_u, k_v, k_obs, k_init = jr.split(jr.key(config.seed + 1), 4)
     u, v = jr.normal(k_u, (d, 2)), jr.normal(k_v, (d, 2))
-    truth = (u * jnp.array([2.0, 1.0])) @ v.T
+    truth = (u * jnp.array([2.0, 1.0])[None, :]) @ v.T
     truth = truth * (d / jnp.linalg.norm(truth))
     objective = Completion.from_tensor(truth, sample_indices(k_obs, (d, d), config.dmf_observations))
     model = DeepMatrix.gaussian(k_init, (d,) * (config.dmf_depth + 1), config.dmf_std)

@@ -95,7 +95,7 @@ def ground_truth(key, dim: int, rank: int):
     u = jnp.linalg.qr(jr.normal(k_u, (dim, rank)))[0]
     v = jnp.linalg.qr(jr.normal(k_v, (dim, rank)))[0]
     sigma = jnp.arange(rank, 0, -1.0)
-    return (u * (sigma * dim / jnp.linalg.norm(sigma))) @ v.T
+    return (u * (sigma * dim / jnp.linalg.norm(sigma))[None, :]) @ v.T
 
 
 def layer_std(scale: float, dims) -> float:

@@ -120,7 +120,8 @@ def run(config: Config, out: Path | None = None, progress: bool = False) -> dict
     summary = {
         "order": n,
         "rho": result.rho,
-        "huber_delta": float(objective.loss.delta),
+        "huber_delta": (float(np.asarray(objective.loss.delta))
+                        if isinstance(objective.loss, HuberLoss) else None),
         "assumption1_ball_radius": ball,
         "assumptions": {k: {"value": v.value, "passed": v.passed, "detail": v.detail}
                         for k, v in result.verdicts.items()},

@@ -41,6 +41,7 @@ takes 3-5x fewer steps at an integration error far below these errors.
 import dataclasses
 import time
 from pathlib import Path
+from typing import Any
 
 import diffrax as dfx
 import jax.numpy as jnp
@@ -123,7 +124,7 @@ def target(key, dims, rank, max_rank: int):
     first `rank` of `max_rank` Gaussian components, so targets of one key are nested."""
     keys = jr.split(key, len(dims))
     factors = [jr.normal(k, (d, max_rank)) for k, d in zip(keys, dims)]
-    factors[0] = factors[0] * (jnp.arange(max_rank) < rank).astype(factors[0].dtype)
+    factors[0] = factors[0] * (jnp.arange(max_rank) < rank).astype(factors[0].dtype)[None, :]
     tensor = CP(tuple(factors)).full()
     return tensor / jnp.linalg.norm(tensor)
 
@@ -284,7 +285,7 @@ def _table(config: Config, rows, baseline) -> dict:
 
     table = {}
     for rank in config.truth_ranks:
-        entry = {f"std{std:g}": stats([r for r in rows if r["truth_rank"] == rank
+        entry: dict[str, Any] = {f"std{std:g}": stats([r for r in rows if r["truth_rank"] == rank
                                        and r["std"] == float(std)]) for std in config.stds}
         entry["linear"] = stats([r for r in baseline if r["truth_rank"] == rank])
         entry["observations"] = list(config.observations)

@@ -33,6 +33,7 @@ domain instead of weight clamping. Test squared errors are clipped at --test-cli
 import dataclasses
 import time
 from pathlib import Path
+from typing import Any
 
 import equinox as eqx
 import jax.random as jr
@@ -88,7 +89,8 @@ class Config:
         if self.data == "idx":
             check(self.idx_dir is not None, "idx_dir", "set with `data` 'idx' (the folder "
                   "holding the four MNIST/Fashion-MNIST IDX files)", self.idx_dir)
-            check(Path(self.idx_dir).is_dir(), "idx_dir", "an existing folder",
+            check(self.idx_dir is not None and Path(self.idx_dir).is_dir(), "idx_dir",
+                  "an existing folder",
                   str(self.idx_dir))
         else:
             check(self.idx_dir is None, "idx_dir", f"unset: it is read with `data` 'idx' "
@@ -144,7 +146,7 @@ def layout(num_tasks: int, ranks) -> np.ndarray:
 
 
 def initial_model(key, order: int, ranks, repeats: int, mean: float, std: float,
-                  dtype=np.float32) -> StackedCP:
+                  dtype: Any = np.float32) -> StackedCP:
     """Factors `k^(-1/order) * mean * (1 + std * N(0, 1))` for each rank-k fit, `repeats` times.
 
     Components are laid out as in [`layout`][]: for each repeat (block and task), the
@@ -156,7 +158,7 @@ def initial_model(key, order: int, ranks, repeats: int, mean: float, std: float,
     """
     sizes = np.concatenate([np.full(k, k) for _ in range(repeats) for k in ranks])
     scale = jnp.asarray(mean * sizes ** (-1.0 / order), dtype)
-    return StackedCP(scale * (1 + std * jr.normal(key, (order, 2, sizes.size), dtype)))
+    return StackedCP(scale[None, None, :] * (1 + std * jr.normal(key, (order, 2, sizes.size), dtype)))
 
 
 def linear_baseline(train_x, train_y, test_x, test_y, clip: float):
@@ -276,7 +278,7 @@ def run(config: Config, out: Path | None = None, progress: bool = False) -> dict
     return summary
 
 
-STYLES = {"original": dict(color="tab:blue", marker="o"),
+STYLES: dict[str, dict[str, Any]] = {"original": dict(color="tab:blue", marker="o"),
           "rand image": dict(color="tab:red", marker="^"),
           "rand label": dict(color="tab:purple", marker="d")}
 
@@ -286,7 +288,9 @@ def _figure(results, name, path):
     for v in VARIANTS:
         r = results[v]
         ks = np.asarray(r["ranks"])
-        for split, style in (("train", dict(ls="-", alpha=1.0)), ("test", dict(ls="--", alpha=0.55))):
+        splits: tuple[tuple[str, dict[str, Any]], ...] = (
+            ("train", dict(ls="-", alpha=1.0)), ("test", dict(ls="--", alpha=0.55)))
+        for split, style in splits:
             ax.errorbar(ks, r[f"{split}_mse_mean"], yerr=r[f"{split}_mse_std"], capsize=3,
                         label=f"{v} {split}", **STYLES[v], **style)
         if "linear_train_mse_mean" in r:
@@ -294,7 +298,7 @@ def _figure(results, name, path):
                 ax.axhline(r[f"linear_{split}_mse_mean"], color=STYLES[v]["color"], ls=ls,
                            lw=1, alpha=0.8, label=f"{v} {split}, linear least squares")
     var = np.mean([results[v]["label_variance"] for v in VARIANTS])
-    ax.axhline(var, color="tab:green", alpha=0.5, label="label variance")
+    ax.axhline(float(var), color="tab:green", alpha=0.5, label="label variance")
     ax.set_yscale("log")
     ax.set_xticks(results[VARIANTS[0]]["ranks"])
     ax.set_xlabel("tensor rank k")

@@ -101,6 +101,8 @@ class Config:
 def make_loss(config: Config):
     """The per-entry loss named by `loss` (and `delta`)."""
     if config.loss == "huber":
+        if config.delta is None:  # (refused by Config)
+            raise ValueError("`delta` must be set with `loss` 'huber'.")
         return HuberLoss(config.delta)
     return AbsoluteLoss() if config.loss == "absolute" else SquaredLoss()
 

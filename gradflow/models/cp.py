@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
-from .._validate import check_dims, check_float_dtype, check_int, check_number, check_positive
+from .._validate import (ArgumentTypeError, as_array, check_dims, check_float_dtype, check_int, check_number,
+                         check_positive)
 from .base import AbstractAdditiveFactorization
 
 
@@ -32,7 +33,13 @@ class CP(AbstractAdditiveFactorization):
         ```
     """
 
-    factors: tuple[Float[Array, "d R"], ...]
+    factors: tuple[Float[Array, "_d R"], ...]  # (d_n, R): one d_n per mode
+
+    def __init__(self, factors: Sequence[Float[ArrayLike, "_d R"]]):
+        if not isinstance(factors, (tuple, list)):
+            raise ArgumentTypeError(f"`factors` must be a tuple of arrays (d_n, R), got "
+                                    f"{type(factors).__name__}.")
+        self.factors = tuple(as_array("factors", f) for f in factors)
 
     def __check_init__(self):
         if len(self.factors) < 2:
@@ -207,7 +214,7 @@ class CP(AbstractAdditiveFactorization):
         factors = []
         for k, d in zip(keys, dims):
             v = jr.normal(k, (d, rank), dtype)
-            factors.append(scale * v / jnp.linalg.norm(v, axis=0))
+            factors.append(scale[None, :] * v / jnp.linalg.norm(v, axis=0)[None, :])
         return cls(tuple(factors))
 
 

@@ -106,6 +106,9 @@ class DiagonalNet(AbstractAdditiveFactorization):
         return jnp.zeros(self.dim, beta.dtype).at[self._indices()].add(beta)
 
     def _indices(self) -> Int[Array, " k"]:
+        """A block's coordinates (set by `take`), as ints."""
+        if self.coordinates is None:
+            raise ValueError("only a block of coordinates (made by `take`) has indices.")
         return jnp.round(lax.stop_gradient(self.coordinates)).astype(jnp.int32)
 
     def entries(self, indices: Int[Array, "m 1"]) -> Float[Array, " m"]:
@@ -118,7 +121,7 @@ class DiagonalNet(AbstractAdditiveFactorization):
         own = jnp.arange(self.dim) if self.coordinates is None else self._indices()
         hit = (indices[:, :1] == own[None, :].astype(indices.dtype)).astype(self.u.dtype)
         d = self.depth
-        blocks = [hit * (d * self.u ** (d - 1)), -hit * (d * self.v ** (d - 1))]
+        blocks = [hit * (d * self.u ** (d - 1))[None, :], -hit * (d * self.v ** (d - 1))[None, :]]
         if self.coordinates is not None:
             blocks.append(jnp.zeros_like(hit))
         return jnp.concatenate(blocks, axis=1)

@@ -34,9 +34,9 @@ class DeepMatrix(AbstractFactorization):
         ```
     """
 
-    layers: tuple[Float[Array, "d_j d_jm1"], ...]
+    layers: tuple[Float[Array, "_d_j _d_jm1"], ...]  # one shape per layer
 
-    def __init__(self, layers: Sequence[Float[ArrayLike, "d_j d_jm1"]]):
+    def __init__(self, layers: Sequence[Float[ArrayLike, "_d_j _d_jm1"]]):
         self.layers = tuple(jnp.asarray(w) for w in layers)
 
     def __check_init__(self):
@@ -180,7 +180,7 @@ class DeepMatrix(AbstractFactorization):
         for k, d_in, d_out in zip(jr.split(key, len(dims) - 1), dims[:-1], dims[1:]):
             tall = (max(d_out, d_in), min(d_out, d_in))
             q, r = jnp.linalg.qr(jr.normal(k, tall, dtype))
-            q = q * jnp.where(jnp.diag(r) < 0, -1.0, 1.0).astype(dtype)
+            q = q * jnp.where(jnp.diag(r) < 0, -1.0, 1.0).astype(dtype)[None, :]
             layers.append(scale * (q if d_out >= d_in else q.T))
         return _maybe_end_scale(cls(layers), end_scale)
 
@@ -308,6 +308,7 @@ class DeepMatrix(AbstractFactorization):
             jnp.linalg.qr(jr.normal(kj, (d, k), dtype))[0]
             for kj, d in zip(jr.split(key, depth - 1), hidden)
         ]
+        root = root[None, :]  # scales the columns
         layers = [qs[0] * root @ vt]
         for j in range(1, depth - 1):
             layers.append(qs[j] * root @ qs[j - 1].T)
