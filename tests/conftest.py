@@ -2,7 +2,9 @@ import gc
 import os
 
 import jax
+import jaxtyping
 import pytest
+from jaxtyping import install_import_hook
 
 # The command line turns on JAX's persistent compilation cache for the process that runs
 # it; the tests call it in-process, so keep the cache out of the test run (its own test
@@ -10,7 +12,53 @@ import pytest
 os.environ["GRADFLOW_NO_CACHE"] = "1"
 
 jax.config.update("jax_enable_x64", True)
+# Strict promotion: mixing float32 and float64 (or an int array with a float array)
+# must be explicit; an implicit rank promotion ((d, R) * (R,)) must be written with the
+# axis it means ([None, :]).
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# Runtime checks of gradflow's annotations (as Diffrax's tests do): every function and
+# dataclass of the package, imported from here on, is checked by beartype through
+# jaxtyping, array shapes and dtypes included. An int is accepted where `float` is
+# annotated (PEP 484's numeric tower), as Python itself does. Installed before anything
+# imports gradflow; a module imported later (lazily) is instrumented as well.
+install_import_hook(
+    "gradflow", "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))")
+
+# These tests give the entry points wrong arguments on purpose (a string for `dims`, a
+# float for `depth`, a list for `std`, ...) to check the errors gradflow itself raises:
+# a ValueError or TypeError naming the argument, which is what a user (who runs no type
+# checker) gets. The runtime type checker would answer first, so it is off while they
+# run (their fixtures, built from valid arguments, are still checked).
+UNCHECKED = {  # module -> its tests that pass wrong arguments (None: all of them)
+    "test_inputs.py": None,
+    "test_inputs_and_properties.py": None,
+    "test_inputs_properties_more.py": None,
+    "test_descent.py": {"test_bad_arguments", "test_bad_optimizers_and_models"},
+    "test_diagonal.py": {"test_bad_model_arguments"},
+    "test_experiment_configs.py": {"test_config_refuses_a_bad_value_naming_the_field"},
+    "test_htf.py": {"test_invalid_arguments_are_named"},
+    "test_matrix.py": {"test_bad_inputs"},
+    "test_options.py": {"test_absolute_loss_objective_is_the_mean_absolute_residual",
+                        "test_cp_observers_against_hand_computations"},
+}
+
+
+def _unchecked(item) -> bool:
+    if item.path.name not in UNCHECKED:
+        return False
+    names = UNCHECKED[item.path.name]
+    return names is None or getattr(item, "originalname", item.name) in names
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    jaxtyping.config.update("jaxtyping_disable", _unchecked(item))
+    try:
+        return (yield)
+    finally:
+        jaxtyping.config.update("jaxtyping_disable", False)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -206,16 +206,24 @@ def _nan_model(params):
                                                                jnp.nan, 1.0)))
 
 
+# Far from met: the other stop of the loss_tol and radius cases. Both stops are on in
+# those cases and their values are traced (grid axes in the sweep), so the two cases share
+# one compiled flow, final_state and sweep; loss_drop (a relative stop) is alone.
+NOT_MET = {"loss_tol": 1e-12 * float(OBJECTIVE(MODEL)), "radius": 1e6 * float(MODEL.norm())}
+
+
 @pytest.mark.parametrize("stop", ["loss_tol", "radius", "loss_drop"])
 def test_a_stop_met_at_the_start_ends_the_solve_there(stop):
     value = {"loss_tol": 2.0 * float(OBJECTIVE(MODEL)), "radius": 0.5 * float(MODEL.norm()),
              "loss_drop": 1.5}[stop]
-    tr = gf.flow(MODEL, OBJECTIVE, t1=10.0, **{stop: value})
+    stops = ({} if stop == "loss_drop" else dict(NOT_MET)) | {stop: value}
+    tr = gf.flow(MODEL, OBJECTIVE, t1=10.0, **stops)
     assert tr.status == ("radius" if stop == "radius" else "loss") and tr.t_final == 0.0
     assert tr.stats["steps"] == 0 and tr.ok
-    end = gf.final_state(MODEL, OBJECTIVE, t1=10.0, **{stop: value})
+    end = gf.final_state(MODEL, OBJECTIVE, t1=10.0, **stops)
     assert float(end.t) == 0.0 and bool(end.ok)
-    result = gf.sweep(_problem, {"scale": [0.3], "seed": [2]}, t1=10.0, **{stop: value})
+    grid = {"scale": [0.3], "seed": [2]} | {k: [v] for k, v in stops.items()}
+    result = gf.sweep(_problem, grid, t1=10.0)
     assert result.t_final[0] == 0.0 and list(result.status) == [tr.status]
 
 
@@ -235,7 +243,8 @@ def test_degenerate_and_ill_typed_inputs_are_refused():
     ]:
         _refused(call, name)
     assert gf.CP.gaussian(jr.key(0), (3, 3), np.int64(2), 0.1).rank == 2
-    assert gf.flow(MODEL, OBJECTIVE, t1=1.0, max_steps=np.int64(50)).ok
+    # the default's value: the solve compiled once for the tests below
+    assert gf.flow(MODEL, OBJECTIVE, t1=1.0, max_steps=np.int64(100_000)).ok
 
 
 def test_an_initial_loss_that_overflows_is_refused():

@@ -27,7 +27,7 @@ def built_in():
     law = CHECKS["cp-corollary1"]
     # Corollary 1's law on *unbalanced* inits is false: the same residual must fail there.
     register(Check(FALSE, "Corollary 1 for ε > 0 (false)", "Gaussian init",
-                   lambda key, bucket: checks._cp_case(key, bucket), law.residual,
+                   CHECKS["cp-theorem1"].draw, law.residual,  # Gaussian (unbalanced) inits
                    law.tolerance, checks.CP_BUCKETS))
     try:
         programs, before = set(registry._PROGRAMS), registry.compiled_programs()

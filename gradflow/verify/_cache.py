@@ -50,6 +50,7 @@ from pathlib import Path
 import equinox as eqx
 import jax
 import numpy as np
+from jax.core import ShapedArray
 
 FORMAT = 1
 """The entries' format; part of every key."""
@@ -86,7 +87,8 @@ def directory() -> Path | None:
         return Path(DIRECTORY)
     if os.environ.get("GRADFLOW_NO_CACHE", "0") not in ("0", "", "false", "no"):
         return None
-    base = jax.config.jax_compilation_cache_dir
+    # (JAX's options are attributes its config gets at run time: not in its type stubs)
+    base = jax.config.jax_compilation_cache_dir  # pyright: ignore[reportAttributeAccessIssue]
     if not base or "://" in str(base):
         return None
     return Path(base) / FOLDER
@@ -300,7 +302,7 @@ def decode(data: bytes):
         raise ValueError("checksum mismatch")
     if header["fields"] != sorted(f.name for f in dataclasses.fields(Exported)):
         raise ValueError("written by another version of jax.export")
-    aval = lambda a: jax.core.ShapedArray(tuple(a[0]), np.dtype(a[1]), weak_type=a[2])
+    aval = lambda a: ShapedArray(tuple(a[0]), np.dtype(a[1]), weak_type=a[2])
     n_in, n_out = len(header["in_avals"]), len(header["out_avals"])
     in_tree, out_tree = _unskeleton(header["in_tree"]), _unskeleton(header["out_tree"])
     if in_tree.num_leaves != n_in or out_tree.num_leaves != n_out:
@@ -345,10 +347,10 @@ def store(name: str, data: bytes) -> None:
         pass
 
 
-def discard(name: str) -> None:
-    """Remove the entry `name` (one that did not run)."""
+def discard(name: str | None) -> None:
+    """Remove the entry `name` (one that did not run; nothing for None)."""
     folder = directory()
-    if folder is not None:
+    if folder is not None and name is not None:
         with contextlib.suppress(OSError):
             (folder / name).unlink()
 

@@ -310,10 +310,9 @@ def _run(checks, cases, seed, case, on_result) -> list[Result]:
     return results
 
 
-def _case_list(case) -> list[int]:
-    ks = [case] if isinstance(case, int) and not isinstance(case, bool) else case
+def _case_list(case: Any) -> list[int]:  # any value a user passed: checked here
     try:
-        ks = list(ks)
+        ks = [case] if isinstance(case, int) else list(case)  # (a bool is refused below)
     except TypeError:
         ks = None
     if not ks or any(not isinstance(k, int) or isinstance(k, bool) or k < 0 for k in ks):
@@ -729,6 +728,7 @@ def _residual(instance: _Instance) -> None:
         instance.error = failed.error
         return
     case = instance.case
+    assert case is not None  # drawn: an instance without a case has an error
     case.companion_trajectories = [s.trajectory for s in instance.solves[1:]]
     with _executing():
         start = time.perf_counter()
