@@ -69,6 +69,25 @@ def _combine(coeffs, trees, base=None):
                         *[tree for _, tree in used])
 
 
+def _damped_slope(solve, h, f):
+    """The slope $hf$ of the step's cubic Hermite dense output, damped in the stiff
+    directions: $r(hγW)\\,hf$ with $r = 1-(1-(I-hγW)^{-1})^3$, i.e.
+    $3S-3S^2+S^3$ for the step's factored solve $S=(I-hγW)^{-1}$.
+
+    Along a curvature $λ$ with $z=hγλ$, $r=1-(z/(1+z))^3$: $1-O(z^3)$ where the step
+    resolves the flow (the interpolant keeps its order: the slope changes by
+    $O(h^4)$), and $3/(1+z)$ where it does not. Undamped, a W step over a stiff
+    direction multiplies the state's small distance from the slow manifold
+    (within the tolerance) by $hλ$ in the slope, and the interpolant between the two
+    accurate ends swings by that much: a 2x2 depth-4 flow at rtol 1e-10 saved a loss
+    of 160 between steps whose ends had 0.0174. Three solves with the factors the
+    step already has; no gradient."""
+    s1 = solve(jax.tree.map(lambda x: h * x, f))
+    s2 = solve(s1)
+    s3 = solve(s2)
+    return jax.tree.map(lambda a, b, c: 3.0 * a - 3.0 * b + c, s1, s2, s3)
+
+
 class RosenbrockW(dfx.AbstractAdaptiveSolver):
     """ROS34PW2, a third-order Rosenbrock-W method, for gradient flow.
 
@@ -142,8 +161,8 @@ class RosenbrockW(dfx.AbstractAdaptiveSolver):
         y1 = _combine(tab.b, ks, y0)
         y_error = _combine(tab.b - tab.b_embedded, ks)
         f1 = terms.vf(t1, y1, args)
-        dense_info = dict(y0=y0, y1=y1, k0=jax.tree.map(lambda x: h * x, f0),
-                          k1=jax.tree.map(lambda x: h * x, f1))
+        dense_info = dict(y0=y0, y1=y1, k0=_damped_slope(solve, h, f0),
+                          k1=_damped_slope(solve, h, f1))
         return y1, y_error, dense_info, f1, jac, age, fresh
 
     def func(self, terms, t0, y0, args):

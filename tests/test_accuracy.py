@@ -118,3 +118,28 @@ def test_diagonal_conservation_verdict_is_tied_to_the_solve_accuracy(depth):
     # judged by its own accuracy, the loose run is what rtol 1e-3 promises
     assert ad.conservation_verdict(loose["c"], rtol=loose.config["rtol"]).passed
     assert ad.conservation_verdict(np.asarray(tight["c"], np.float32)).tolerance == 100 * 1e-5
+
+
+@pytest.mark.parametrize("solver", ["default", "dense"])
+def test_saves_between_long_stiff_steps_are_the_flow(solver):
+    """A saved state between two W steps is the flow there: the dense output's slopes
+    are damped in the stiff directions (a 2x2 depth-4 flow that approaches a singular W
+    took steps 1e7 long, and the undamped cubic between ends of loss 0.0174 swung to a
+    loss of 160). Oracle: solves that end exactly at save times, and a loss that never
+    rises."""
+    from gradflow.verify.registry import CHECKS
+
+    case = CHECKS["rc-perturbed-bounds"].instance(11)  # depth 4, z=-1.14, z'=-1.7, ε=0.323
+    kw = dict(rtol=1e-10, throw=False)
+    if solver == "dense":
+        kw["solver"] = gf.RosenbrockW(gf.DenseHessian(), refresh_every=1)
+    ts = np.concatenate([[0.0], np.geomspace(1e-2, 1e8, 61)])
+    tr = gf.flow(case.model, case.objective, t1=ts[-1], save_times=ts,
+                 observers=("loss",), **kw)
+    assert tr.status == "t1"
+    loss = np.asarray(tr["loss"])
+    assert np.all(np.diff(loss) <= 1e-12 * loss[:-1])
+    for i in (40, 55):
+        end = gf.flow(case.model, case.objective, t1=ts[i], save_times=ts[[0, i]],
+                      observers=("loss",), **kw)
+        assert abs(loss[i] / float(end["loss"][-1]) - 1) < 1e-7, (i, loss[i])
