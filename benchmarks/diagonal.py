@@ -119,9 +119,9 @@ def main(args):
                 print(json.dumps({k: v for k, v in row.items() if k != "costs"}), flush=True)
                 _common.write_results("diagonal_partial", {"rows": rows}, quiet=True)
     summary = _summary(rows)
-    _common.write_results("diagonal", dict(rows=rows, summary=summary, args=vars(args)),
-                          args.out)
-    _print_table(rows, summary)
+    table = _print_table(rows, summary)
+    _common.write_results("diagonal", dict(rows=rows, summary=summary, args=vars(args),
+                                           table=table), args.out)
 
 
 def _summary(rows) -> dict:
@@ -147,14 +147,17 @@ def _summary(rows) -> dict:
     return out
 
 
-def _print_table(rows, summary):
-    _common.table(rows, ["solver", "loss_drop", "alpha", "status", "steps", "explicit_steps",
+def _print_table(rows, summary) -> str:
+    """Print the rows and the cost ratios; return both as Markdown."""
+    text = _common.table(rows, ["solver", "loss_drop", "alpha", "status", "steps", "explicit_steps",
                          "stiff_steps", "linearisations", "equivalents", "wall_s", "t_final"],
                   formats={"loss_drop": "g", "alpha": "g", "equivalents": ",.0f",
                            "wall_s": ".2f", "t_final": ".3g"})
-    for key, value in summary.items():
-        print(f"- {key}: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
-                                       for k, v in value.items()))
+    lines = [f"- {key}: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                      for k, v in value.items())
+             for key, value in summary.items()]
+    print("\n".join(lines), flush=True)
+    return text + "\n\n" + "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -94,6 +94,17 @@ SECTIONS = [
      "side in one process, compile time excluded; a competitor still running at 3× the "
      "default's wall time is stopped and marked. Deep matrices (`mf-incremental`, "
      "`compare-factorizations MF`) use the model-agnostic `gf.GaussNewtonSubspace(16)`."),
+    ("diagonal", "Diagonal linear networks: cost against the init scale α (issue 18)",
+     "The `diagonal-bias` problem (d = 200, n = 50 Gaussian observations of a 5-sparse "
+     "truth, depth 2, u = v = α) from α = 0.1 down to 1e-6, to each loss stop (relative "
+     "to the initial loss), by the default solver (W steps on the Gauss–Newton block of "
+     "the 8 largest coordinates) and by `AutoStiff(RosenbrockW(GaussNewtonSubspace(rank=n)))`"
+     "; the ratios are cost(α = 1e-6) / cost(α = 0.1)."),
+    ("verify", "Theorem checks and the test suite: what they take (issue 17)",
+     "`gradflow verify` at its default (3 instances per check) run twice as a user runs "
+     "it, first on an empty cache folder (it compiles and keeps its programs), then "
+     "again (it loads them); per check: instances, worst residual, tolerance, verdict "
+     "and the seconds of the first and second run."),
 ]
 
 COMMANDS = {
@@ -103,9 +114,11 @@ COMMANDS = {
     "torch_gd": ".venv/bin/python benchmarks/run.py torch",
     "compile_time": ".venv/bin/python benchmarks/run.py compile",
     "sweep": ".venv/bin/python benchmarks/run.py sweep",
-    "htf": ".venv/bin/python benchmarks/run.py htf --widths 32 128 512 --rtol 1e-6 --no-tsit5",
+    "htf": ".venv/bin/python benchmarks/run.py htf --rtol 1e-6 --tsit5-cap 1500",
     "htf_accuracy": ".venv/bin/python benchmarks/run.py htf-accuracy",
     "default_solver": ".venv/bin/python benchmarks/run.py default-solver",
+    "diagonal": ".venv/bin/python benchmarks/run.py diagonal",
+    "verify": ".venv/bin/python benchmarks/run.py verify --pytest",
 }
 
 
@@ -326,6 +339,19 @@ def results_sections(data) -> str:
                              f"{t['gd_setting']}" + (f" (error {t['gd_error']:.1e})"
                                                      if t.get("gd_error") is not None
                                                      else "") + ".")
+            parts.append("")
+        if name == "verify":
+            for run in d["runs"]:
+                parts.append(f"- {run['run']} cache: {run['wall_s']:.0f} s wall, "
+                             f"{run['cpu_s']:.0f} s CPU, {run['passed']}/{run['checks']} "
+                             f"checks passed; {run['summary']}")
+            if "pytest" in d:
+                p = d["pytest"]
+                parts += [f"- `python -m pytest` (the default run, `-n auto` on "
+                          f"{d['machine']['cores']} cores): {p['wall_s'] / 60:.1f} min wall, "
+                          f"{p['cpu_s'] / 60:.1f} min CPU; {p['summary']}. Slowest:", ""]
+                parts.append(C.table(p["slowest"], ["seconds", "phase", "test"],
+                                     {"seconds": ".1f"}, file=io.StringIO()))
             parts.append("")
         if name == "vector_field":
             parts += ["Rosenbrock-W linear algebra on P, priced in gradient evaluations "

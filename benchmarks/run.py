@@ -10,6 +10,7 @@
     .venv/bin/python benchmarks/run.py htf-accuracy    [--quick] [...]   # issue 15
     .venv/bin/python benchmarks/run.py default-solver  [--quick] [...]   # issue 15
     .venv/bin/python benchmarks/run.py diagonal        [--quick] [...]   # issue 18
+    .venv/bin/python benchmarks/run.py verify          [--pytest] [...]  # issue 17
     .venv/bin/python benchmarks/run.py report          # docs/benchmarks.md from results/
 
 Each prints its table and writes JSON under `benchmarks/results/`; `--help` after a
@@ -32,6 +33,7 @@ import report
 import sweep
 import torch_gd
 import vector_field
+import verify_time
 import work_precision
 
 COMMANDS = {
@@ -45,6 +47,7 @@ COMMANDS = {
     "htf-accuracy": htf_accuracy,
     "default-solver": default_solver,
     "diagonal": diagonal,
+    "verify": verify_time,
     "report": report,
 }
 

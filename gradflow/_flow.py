@@ -214,6 +214,11 @@ def gradient_evaluations(solver, stats) -> int | None:
         per_step = sum(n * int(stats[k]) for k, n in solver.evaluations.items())
         return round(per_step * steps / max(accepted, 1)) + 1
     per_step = getattr(solver, "evaluations_per_step", None)
+    tableau = getattr(solver, "tableau", None)
+    if per_step is None and isinstance(solver, dfx.AbstractERK) and tableau is not None:
+        # Diffrax's explicit Runge-Kutta methods (Tsit5, Dopri5, Dopri8, ...): one
+        # evaluation per stage, the first reused from the last step when FSAL
+        per_step = len(tableau.b_sol) - int(tableau.fsal)
     return None if per_step is None else per_step * steps + 1
 
 

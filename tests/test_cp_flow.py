@@ -128,6 +128,15 @@ def test_loss_stop_and_rank_of_solution():
     assert acp.tensor_rank_estimate(tr.model, 1e-2) == 2
 
 
+@pytest.mark.parametrize("solver, per_step", [(dfx.Tsit5(), 6), (dfx.Dopri8(), 13),
+                                             (dfx.Heun(), 2)])
+def test_gradient_evaluations_of_diffrax_explicit_solvers(solver, per_step):
+    # one per stage, the first reused from the last step where the tableau is FSAL
+    model, objective = small_problem(seed=1)
+    tr = gf.flow(model, objective, t1=1.0, solver=solver, observers=[])
+    assert tr.stats["gradient_evaluations"] == per_step * tr.stats["steps"] + 1
+
+
 def test_failed_solve_says_so():
     model, objective = small_problem()
     with pytest.raises(gf.FlowError, match="max_steps") as info:
