@@ -113,13 +113,17 @@ def competitors(model) -> dict:
 def solve(p, solver, max_steps):
     """One timed solve, after a warm-up that compiles the same program (`max_steps` and
     the stops are static; `t1` and the save times are not, so a solve to t = 1e-3
-    compiles it in no time)."""
+    compiles it in no time); a solve shorter than a second is timed three times and
+    the fastest kept (single timings of 0.2 s solves varied 2x on the shared machine)."""
     kw = dict(rtol=p["rtol"], solver=solver, throw=False, observers=[], max_steps=max_steps,
               **p["stop"])
     gf.flow(p["model"], p["objective"], t1=1e-3, save_times=np.array([0.0, 1e-3]), **kw)
-    start = time.perf_counter()
-    tr = gf.flow(p["model"], p["objective"], t1=1e16, save_times=np.array([0.0, 1.0]), **kw)
-    return tr, time.perf_counter() - start
+    walls = []
+    while not walls or (sum(walls) < 3.0 and len(walls) < 3):  # short solves: min of 3
+        start = time.perf_counter()
+        tr = gf.flow(p["model"], p["objective"], t1=1e16, save_times=np.array([0.0, 1.0]), **kw)
+        walls.append(time.perf_counter() - start)
+    return tr, min(walls)
 
 
 def run_problem(p, patience: float) -> dict:

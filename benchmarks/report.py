@@ -212,6 +212,36 @@ def values(data=None) -> dict:
         for r, key in zip(d["rows"], ("first", "sorted", "mixed", "loop", "recompiling")):
             _flat(f"sweep.{key}", r, out)
         _flat("sweep.machine", d["machine"], out)
+    d = data.get("htf")
+    if d:
+        for width in {r["width"] for r in d["rows"]}:
+            mine = {r["std"]: r for r in d["rows"]
+                    if r["width"] == width and r["solver"] == "default"}
+            small, large = mine[min(mine)], mine[max(mine)]
+            out[f"htf.w{width}.steps"] = small["steps"] / large["steps"]
+            out[f"htf.w{width}.equivalents"] = small["equivalents"] / large["equivalents"]
+        spreads = []
+        for std in {r["std"] for r in d["rows"]}:
+            steps = [r["steps"] for r in d["rows"] if r["std"] == std
+                     and r["solver"] == "default"]
+            spreads.append(max(steps) / min(steps))
+        out["htf.spread_max"] = max(spreads)
+    d = data.get("default_solver")
+    if d:
+        out["default_solver.met"] = sum(r["met"] for r in d["results"])
+        out["default_solver.total"] = len(d["results"])
+    d = data.get("diagonal")
+    if d:
+        for key, value in d["summary"].items():
+            if key.startswith("default, loss drop 0.0001:"):
+                _flat("diagonal.drop4", value, out)
+            if key.startswith("default, loss drop 1e-10:"):
+                _flat("diagonal.drop10", value, out)
+    d = data.get("verify")
+    if d:
+        out["verify.cold_s"], out["verify.warm_s"] = (r["wall_s"] for r in d["runs"])
+        if "pytest" in d:
+            out["verify.pytest_min"] = d["pytest"]["wall_s"] / 60
     # "<prefix>.verdict": "met" or "missed by F×" for every target with a `met` flag
     for key in [k for k in out if k.endswith(".met")]:
         prefix = key[:-len("met")]
@@ -340,6 +370,10 @@ def results_sections(data) -> str:
                                                      if t.get("gd_error") is not None
                                                      else "") + ".")
             parts.append("")
+        if d.get("remeasured"):
+            r = d["remeasured"]
+            parts += [f"Re-measured rows ({', '.join(r['rows'])}): {r['why']}. "
+                      + _machine_line({"machine": r["machine"]}), ""]
         if name == "verify":
             for run in d["runs"]:
                 parts.append(f"- {run['run']} cache: {run['wall_s']:.0f} s wall, "

@@ -67,13 +67,14 @@ def verify_runs(cases: int, only, cache: Path) -> list[dict]:
 
 def pytest_run() -> dict:
     env = dict(os.environ)
-    wall, cpu, done = _timed([sys.executable, "-m", "pytest", "--durations=15", "-q"], env)
+    # (the project's addopts already have -q; a second one hides the summary line)
+    wall, cpu, done = _timed([sys.executable, "-m", "pytest", "--durations=15"], env)
     slowest = re.findall(r"^\s*([\d.]+)s (call|setup|teardown)\s+(\S+)$", done.stdout, re.M)
     tail = [line for line in done.stdout.splitlines() if re.search(r"\d+ passed", line)]
     print(f"pytest: {wall:.1f} s wall, {cpu:.1f} s CPU: {tail[-1] if tail else done.returncode}",
           flush=True)
     return {"wall_s": wall, "cpu_s": cpu, "exit_code": done.returncode,
-            "summary": tail[-1] if tail else "",
+            "summary": tail[-1].strip(" =") if tail else f"exit code {done.returncode}",
             "slowest": [{"seconds": float(s), "phase": p, "test": t} for s, p, t in slowest]}
 
 
