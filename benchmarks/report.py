@@ -100,6 +100,9 @@ SECTIONS = [
      "to the initial loss), by the default solver (W steps on the Gauss–Newton block of "
      "the 8 largest coordinates) and by `AutoStiff(RosenbrockW(GaussNewtonSubspace(rank=n)))`"
      "; the ratios are cost(α = 1e-6) / cost(α = 0.1)."),
+    ("verify_cases100", "gradflow verify --cases 100 (issue 17)",
+     "100 random instances per check, one run on an empty cache folder: the sample that "
+     "makes random testing of the theorems real (every verdict must pass)."),
     ("verify", "Theorem checks and the test suite: what they take (issue 17)",
      "`gradflow verify` at its default (3 instances per check) run twice as a user runs "
      "it, first on an empty cache folder (it compiles and keeps its programs), then "
@@ -119,6 +122,7 @@ COMMANDS = {
     "default_solver": ".venv/bin/python benchmarks/run.py default-solver",
     "diagonal": ".venv/bin/python benchmarks/run.py diagonal",
     "verify": ".venv/bin/python benchmarks/run.py verify --pytest",
+    "verify_cases100": ".venv/bin/python benchmarks/run.py verify --cases 100 --cold-only",
 }
 
 
@@ -242,6 +246,11 @@ def values(data=None) -> dict:
         out["verify.cold_s"], out["verify.warm_s"] = (r["wall_s"] for r in d["runs"])
         if "pytest" in d:
             out["verify.pytest_min"] = d["pytest"]["wall_s"] / 60
+    d = data.get("verify_cases100")
+    if d:
+        run = d["runs"][0]
+        out["verify100.min"] = run["wall_s"] / 60
+        out["verify100.passed"], out["verify100.checks"] = run["passed"], run["checks"]
     # "<prefix>.verdict": "met" or "missed by F×" for every target with a `met` flag
     for key in [k for k in out if k.endswith(".met")]:
         prefix = key[:-len("met")]
@@ -374,7 +383,7 @@ def results_sections(data) -> str:
             r = d["remeasured"]
             parts += [f"Re-measured rows ({', '.join(r['rows'])}): {r['why']}. "
                       + _machine_line({"machine": r["machine"]}), ""]
-        if name == "verify":
+        if name in ("verify", "verify_cases100"):
             for run in d["runs"]:
                 parts.append(f"- {run['run']} cache: {run['wall_s']:.0f} s wall, "
                              f"{run['cpu_s']:.0f} s CPU, {run['passed']}/{run['checks']} "

@@ -9,6 +9,7 @@ cases, worst residual and time. `--pytest` also times the default test run
 (`python -m pytest --durations=15`) and records its slowest tests.
 
     .venv/bin/python benchmarks/run.py verify [--cases 3] [--only NAME ...] [--pytest]
+    .venv/bin/python benchmarks/run.py verify --cases 100 --cold-only  # the long sample
 """
 
 import argparse
@@ -38,11 +39,11 @@ def _timed(command, env) -> tuple[float, float, subprocess.CompletedProcess]:
     return wall, cpu, done
 
 
-def verify_runs(cases: int, only, cache: Path) -> list[dict]:
+def verify_runs(cases: int, only, cache: Path, labels=("cold", "warm")) -> list[dict]:
     env = os.environ | {"XDG_CACHE_HOME": str(cache)}
     env.pop("GRADFLOW_NO_CACHE", None)
     runs = []
-    for label in ("cold", "warm"):
+    for label in labels:
         report = cache / f"{label}.json"
         command = [sys.executable, "-m", "gradflow.cli", "verify", "--cases", str(cases),
                    "--json", str(report)] + (["--only", *only] if only else [])
@@ -79,26 +80,29 @@ def pytest_run() -> dict:
 
 
 def main(args):
+    labels = ("cold",) if args.cold_only else ("cold", "warm")
     with tempfile.TemporaryDirectory(prefix="gradflow-verify-bench-") as cache:
-        runs = verify_runs(args.cases, args.only, Path(cache))
-    cold, warm = runs
+        runs = verify_runs(args.cases, args.only, Path(cache), labels)
     rows = [{"check": c["check"], "cases": c["cases"], "worst": c["worst"],
-             "tolerance": c["tolerance"], "verdict": "PASS" if c["passed"] else "FAIL",
-             "cold_s": c["seconds"], "warm_s": w["seconds"]}
-            for c, w in zip(cold["per_check"], warm["per_check"])]
-    table = _common.table(rows, ["check", "cases", "worst", "tolerance", "verdict", "cold_s",
-                                 "warm_s"],
+             "tolerance": c["tolerance"], "verdict": "PASS" if c["passed"] else "FAIL"}
+            | {f"{run['run']}_s": run["per_check"][i]["seconds"] for run in runs}
+            for i, c in enumerate(runs[0]["per_check"])]
+    table = _common.table(rows, ["check", "cases", "worst", "tolerance", "verdict",
+                                 *(f"{label}_s" for label in labels)],
                           {"worst": ".1e", "tolerance": ".0e", "cold_s": ".1f",
                            "warm_s": ".1f"})
     payload = {"args": vars(args), "runs": runs, "table": table}
     if args.pytest:
         payload["pytest"] = pytest_run()
-    _common.write_results("verify", payload, args.out)
+    name = "verify" if args.cases == 3 and not args.cold_only else f"verify_cases{args.cases}"
+    _common.write_results(name, payload, args.out)
 
 
 def add_arguments(parser):
     parser.add_argument("--cases", type=int, default=3)
     parser.add_argument("--only", nargs="+", default=None)
+    parser.add_argument("--cold-only", action="store_true",
+                        help="one run, on the empty cache (results/verify_casesN.json)")
     parser.add_argument("--pytest", action="store_true",
                         help="also time the default test run")
     parser.add_argument("--out", default=None)
