@@ -379,6 +379,8 @@ def results_sections(data) -> str:
                                                      if t.get("gd_error") is not None
                                                      else "") + ".")
             parts.append("")
+        if d.get("code_note"):
+            parts += [d["code_note"], ""]
         if d.get("remeasured"):
             r = d["remeasured"]
             parts += [f"Re-measured rows ({', '.join(r['rows'])}): {r['why']}. "
