@@ -379,8 +379,9 @@ def results_sections(data) -> str:
                                                      if t.get("gd_error") is not None
                                                      else "") + ".")
             parts.append("")
-        if d.get("code_note"):
-            parts += [d["code_note"], ""]
+        if isinstance(d.get("runs"), dict):  # rows measured in more than one run
+            parts += [f"Rows {label}: " + _machine_line({"machine": m})
+                      for label, m in d["runs"].items()] + [""]
         if d.get("remeasured"):
             r = d["remeasured"]
             parts += [f"Re-measured rows ({', '.join(r['rows'])}): {r['why']}. "

@@ -107,3 +107,26 @@ def test_gradflow_float32_environment():
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["loss", "float32", "True", "float32"]
+
+
+def test_sweep_and_descent_in_float32():
+    # a compiled sweep of float32 members equals float32 flows of the same members, and
+    # Optax descent keeps float32 and follows the flow's loss down
+    dims = (4, 4, 4)
+    truth = gf.random_cp_tensor(jr.key(6), dims, 2)
+    objective = gf.Completion.from_tensor(truth, gf.sample_indices(jr.key(7), dims, 40))
+
+    def problem(params):
+        return gf.CP.gaussian(jr.key(params["seed"]), dims, 6, params["scale"], dtype=F32), \
+            objective
+
+    grid = {"scale": [0.3, 0.1], "seed": [1]}
+    result = gf.sweep(problem, grid, t1=1e6, loss_drop=1e-3, observers=["loss"])
+    assert list(result.status) == ["loss", "loss"] and result.final["loss"].dtype == F32
+    for i, scale in enumerate(grid["scale"]):
+        tr = gf.flow(*problem({"scale": scale, "seed": 1}), t1=1e6, loss_drop=1e-3)
+        np.testing.assert_allclose(result.t_final[i], tr.t_final, rtol=1e-3)
+    model = problem({"scale": 0.3, "seed": 1})[0]
+    tr = gf.descent(model, objective, 0.05, steps=200, save_every=50)
+    assert tr.model.factors[0].dtype == F32 and tr["loss"].dtype == F32
+    assert np.all(np.diff(np.asarray(tr["loss"])) < 0)
