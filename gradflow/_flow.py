@@ -215,9 +215,10 @@ def gradient_evaluations(solver, stats) -> int | None:
         return round(per_step * steps / max(accepted, 1)) + 1
     per_step = getattr(solver, "evaluations_per_step", None)
     tableau = getattr(solver, "tableau", None)
-    if per_step is None and isinstance(solver, dfx.AbstractERK) and tableau is not None:
+    if per_step is None and isinstance(tableau, dfx.ButcherTableau) and tableau.a_diagonal is None:
         # Diffrax's explicit Runge-Kutta methods (Tsit5, Dopri5, Dopri8, ...): one
-        # evaluation per stage, the first reused from the last step when FSAL
+        # evaluation per stage, the first reused from the last step when FSAL (an
+        # implicit or multi-tableau method is not counted)
         per_step = len(tableau.b_sol) - int(tableau.fsal)
     return None if per_step is None else per_step * steps + 1
 
