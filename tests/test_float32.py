@@ -31,13 +31,21 @@ def standard_promotion():
         yield
 
 
-def test_main_job_problem_in_float32():
-    # the paper's problem (order 4, 10^4, rank 5, 2000 entries, R = 1000) at std 0.05
-    dims = (10,) * 4
+MAIN_JOB = {  # the paper's problem: order 4, 10^4, rank-5 truth, 2000 entries, R = 1000
+    "paper": dict(dims=(10,) * 4, truth_rank=5, observations=2000, components=1000),
+    "small": dict(dims=(5,) * 3, truth_rank=2, observations=60, components=40),
+}
+
+
+@pytest.mark.parametrize("size", [pytest.param("paper", marks=pytest.mark.slow), "small"])
+def test_main_job_problem_in_float32(size):
+    # the main job's problem (at the paper's size: `pytest -m slow`) at std 0.05
+    p = MAIN_JOB[size]
     k_truth, k_obs, k_init = jr.split(jr.key(0), 3)
-    truth = gf.random_cp_tensor(k_truth, dims, 5)
-    objective = gf.Completion.from_tensor(truth, gf.sample_indices(k_obs, dims, 2000))
-    model64 = gf.CP.gaussian(k_init, dims, 1000, 0.05)
+    truth = gf.random_cp_tensor(k_truth, p["dims"], p["truth_rank"])
+    objective = gf.Completion.from_tensor(truth, gf.sample_indices(k_obs, p["dims"],
+                                                                   p["observations"]))
+    model64 = gf.CP.gaussian(k_init, p["dims"], p["components"], 0.05)
     model = jax.tree.map(lambda x: x.astype(F32), model64)  # the same init, rounded
     tr = gf.flow(model, objective, t1=1e12, loss_drop=1e-4,
                  observers=["squared_vector_norms", "component_norms"])
@@ -48,8 +56,9 @@ def test_main_job_problem_in_float32():
     assert acp.conservation_verdict(tr["squared_vector_norms"], 100 * tr.config["rtol"]).passed
     # the same flow as in float64, to float32's accuracy: the learned components
     ref = gf.flow(model64, objective, t1=1e12, loss_drop=1e-4, observers=["component_norms"])
-    top = np.sort(np.asarray(ref.final["component_norms"]))[::-1][:5]
-    ours = np.sort(np.asarray(tr.final["component_norms"], float))[::-1][:5]
+    k = p["truth_rank"]
+    top = np.sort(np.asarray(ref.final["component_norms"]))[::-1][:k]
+    ours = np.sort(np.asarray(tr.final["component_norms"], float))[::-1][:k]
     np.testing.assert_allclose(ours, top, rtol=1e-2)
     error = lambda m: float(jnp.linalg.norm(m.full().astype(float) - truth) / jnp.linalg.norm(truth))
     assert abs(error(tr.model) - error(ref.model)) < 1e-2

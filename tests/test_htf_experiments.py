@@ -1,5 +1,10 @@
 """The HTF experiments (`htf-incremental`, `compare-factorizations`) end to end, at tiny size,
-and the sweeps of the HTF and deep-matrix experiments."""
+and the sweeps of the HTF and deep-matrix experiments.
+
+The balanced-init run and the two sweeps are long studies, marked `slow` (`pytest -m
+slow` runs them): the balanced law itself is `gradflow verify`'s `htf-law` check (run by
+tests/test_verify.py), and the sweep command's fit of the escape exponent is tested on a
+CP problem in tests/test_sweep.py."""
 
 import json
 
@@ -52,6 +57,7 @@ def test_htf_incremental_learns_low_hierarchical_rank(tmp_path):  # §4.2–§4.
     assert (tmp_path / "htf-incremental.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow  # a long study: `pytest -m slow`
 def test_htf_incremental_balanced_init_follows_the_law_exactly(tmp_path):  # §4.5 corollary
     argv = ["run", "htf-incremental", "--init", "balanced", "--stds", "0.1", "--escape", "0",
             "--rtol", "1e-9", *TINY_HTF, "--out", str(tmp_path)]
@@ -107,6 +113,7 @@ def test_htf_incremental_bad_flag_is_an_argparse_error(capsys):
     assert exit_.value.code == 2 and "`--widths` must be 2 ints" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a long study: `pytest -m slow`
 def test_htf_sweep_fits_the_escape_exponent(tmp_path):
     # every weight scaled by α: the end tensor is a degree-7 polynomial in the weights of
     # the order-4 binary tree, so the plateau grows like α^-5
@@ -119,6 +126,7 @@ def test_htf_sweep_fits_the_escape_exponent(tmp_path):
     assert -6.5 < summary["escape_time_slope"] < -3.5
 
 
+@pytest.mark.slow  # a long study: `pytest -m slow`
 def test_mf_sweep_fits_the_escape_exponent(tmp_path):
     # depth 3: the end matrix is cubic in the weights, the plateau grows like α^-1
     argv = ["sweep", "mf-incremental", "--dim", "6", "--truth-rank", "2", "--observations",
@@ -132,3 +140,18 @@ def test_mf_sweep_fits_the_escape_exponent(tmp_path):
     with pytest.raises(SystemExit) as exit_:  # depth 2 has no power law to fit
         main([*argv[:9], "2", *argv[10:]])
     assert exit_.value.code == 2
+
+
+@pytest.mark.parametrize("name", ["htf_incremental", "mf_incremental"])
+def test_sweep_setups_scale_with_their_stated_degree(name):
+    # what the (slow) sweep tests fit: the end tensor of a member is homogeneous in the
+    # sweep's scale of the degree `order` the sweep's expected slope -(order - 2) uses
+    import importlib
+
+    module = importlib.import_module(f"gradflow.experiments.{name}")
+    small = dict(dim=3, truth_ranks=(2, 2), observations=60, widths=(6, 6)) \
+        if name == "htf_incremental" else dict(dim=6, truth_rank=2, observations=24, depths=(3,))
+    setup = module.sweep_setup(module.Config(**small))
+    assert setup["order"] == (7 if name == "htf_incremental" else 3)
+    at = lambda scale: setup["problem"]({"scale": scale, "seed": 1})[0].full()
+    np.testing.assert_allclose(at(0.2), 2.0 ** setup["order"] * at(0.1), rtol=1e-12)
