@@ -1,7 +1,9 @@
 """`gradflow verify`: every built-in check passes on a few instances, its solves are
 batched (one compilation per shape), a false statement fails and names its instance."""
 
+import itertools
 import json
+import threading
 
 import diffrax as dfx
 import jax.random as jr
@@ -295,3 +297,93 @@ def test_a_failed_runtime_check_in_a_batch_names_its_error():
     result = run_check(check, cases=1)
     assert not result.passed and "loss at the initial model is not finite" in result.error
     assert registry.compiled_programs()["alone"] >= 1
+
+
+def _stiff_bucketed(key, bucket):
+    """`_bucketed`'s problem, solved by the default solver (AutoStiff)."""
+    case = _bucketed(key, bucket)
+    case.flow["solver"] = gf.AutoStiff(gf.RosenbrockW(gf.LargestComponents(2)))
+    return case
+
+
+def test_autostiff_groups_are_solved_one_at_a_time():
+    """Batched, every member of an AutoStiff solve takes a W step once one member is
+    stiff: such groups are solved member by member by one compiled program of one
+    member, so that an instance's residual is the same in a run and alone."""
+    check = Check("autostiff-test", "the loss ends below where it starts", "tiny CP",
+                  _stiff_bucketed, lambda tr, case: float(tr["loss"][-1] / tr["loss"][0]),
+                  1.0, ({"order": 3},))
+    known = set(registry._PROGRAMS)
+    first = run_check(check, cases=3, seed=5)
+    new = [name for name in registry._PROGRAMS if name not in known]
+    assert first.passed and sorted(name[0] for name in new) == ["observe", "solve"]
+    assert all(name[-2:] == (1, False) for name in new)  # one member, XLA's quick options
+    alone = run_check(check, seed=5, case=2)
+    assert alone.residuals[0] == first.residuals[2]
+
+
+def test_a_long_group_is_compiled_optimized_and_observed_unoptimized(monkeypatch):
+    """A group of more than LONG_GROUP solves gets a solve program compiled with XLA's
+    default options; its observers keep the quick options (residuals computed by the
+    same code in every run)."""
+    monkeypatch.setattr(registry, "LONG_GROUP", 2)
+    check = Check("long-group-test", "the loss ends below where it starts", "tiny CP",
+                  _bucketed, lambda tr, case: float(tr["loss"][-1] / tr["loss"][0]), 1.0,
+                  ({"order": 2},))
+    known = set(registry._PROGRAMS)
+    long = run_check(check, cases=3, seed=6)
+    new = {name[0]: name for name in registry._PROGRAMS if name not in known}
+    assert long.passed and new["solve"][-1] is True and new["observe"][-1] is False
+    monkeypatch.setattr(registry, "LONG_GROUP", registry.CHUNK)
+    quick = run_check(check, cases=3, seed=6)
+    np.testing.assert_allclose(quick.residuals, long.residuals, rtol=1e-9)
+
+
+def test_a_group_is_solved_in_order_of_cost_then_final_time(monkeypatch):
+    """Chunks run until their longest member is done: a group is sorted by `Case.cost`,
+    then by t1, before it is cut into chunks."""
+    solved = []
+    monkeypatch.setattr(registry, "CHUNK", 2)
+    original = registry._solve_chunk
+
+    def record(signature, members, long=False):
+        solved.append([m.owner.k for m in members])
+        return original(signature, members, long)
+
+    monkeypatch.setattr(registry, "_solve_chunk", record)
+
+    costs, t1s, drawn = (1.0, 0.0, 1.0, 0.0), (5.0, 6.0, 4.0, 5.0), itertools.count()
+
+    def ordered(key, bucket):  # instances are drawn in order: 0, 1, 2, 3
+        k = next(drawn)
+        case = _bucketed(key, bucket)
+        case.flow["t1"] = t1s[k]
+        case.flow["save_times"] = np.linspace(0, t1s[k], 6)
+        case.cost = costs[k]
+        return case
+
+    check = Check("order-test", "the loss ends below where it starts", "tiny CP", ordered,
+                  lambda tr, case: float(tr["loss"][-1] / tr["loss"][0]), 1.0,
+                  ({"order": 3},))
+    assert run_check(check, cases=4, seed=7).passed
+    assert solved == [[3, 1], [2, 0]]  # cost 0 (t1 5, 6), then cost 1 (t1 4, 5)
+
+
+def test_the_gate_lets_one_run_at_a_time_in_order_of_priority():
+    gate, order = registry._Gate(), []
+
+    def run(priority):
+        registry._WAITED.priority = priority
+        with gate.enter("run"):
+            order.append(priority)
+
+    with gate.enter("run"):  # the main thread (priority -1) runs; the others queue up
+        threads = [threading.Thread(target=run, args=(p,)) for p in (3, 1, 2)]
+        for thread in threads:
+            thread.start()
+        while len(gate.queues["run"]) < 3:
+            threading.Event().wait(0.01)
+        assert gate.at_work == 1 and gate.running
+    for thread in threads:
+        thread.join()
+    assert order == [1, 2, 3] and gate.at_work == 0 and not gate.running

@@ -13,10 +13,20 @@ instance, and groups span checks (the CP checks share their solves). The built-i
 checks draw their instances from a few fixed shape *buckets* (instance `k` uses bucket
 `k % len(check.buckets)`) so that every group holds many instances. A check whose
 instances have random shapes, or whose observers close over per-instance values,
-still works: its solves just form groups of one. A group whose batched solve raises
-is solved again one instance at a time with [`gradflow.flow`][], so an error names its
-instance; so is an instance whose batched solve ended non-finite (inside the batched
-programs Equinox's runtime checks give NaN instead of raising, see below).
+still works: its solves just form groups of one.
+
+A group is solved in chunks of at most `CHUNK` solves, in order of `Case.cost` and then
+of the final time (a chunk runs until its longest member is done); a group whose
+solver is [`gradflow.AutoStiff`][] is solved one member at a time by one compiled
+program of one member (batched, all members would take W steps once one is stiff).
+The programs of a group of more than `LONG_GROUP` solves (`--cases 100`) are compiled
+with XLA's default optimization, those of smaller groups with its quickest. Programs
+are built while another runs, in the order they will run (`_Gate`).
+
+A group whose batched solve raises is solved again one instance at a time with
+[`gradflow.flow`][], so an error names its instance; so is an instance whose batched
+solve ended non-finite (inside the batched programs Equinox's runtime checks give NaN
+instead of raising, see below).
 
 **Programs on disk.** When JAX's persistent compilation cache is on (the command line
 turns it on), each batched program is traced once, exported with `jax.export` and
@@ -29,13 +39,15 @@ loaded.
 **Reproducibility.** Instance `k` of a check is drawn from the key
 `fold_in(key(seed), crc32(name) + k)`, whatever else runs; `case=K` (`gradflow verify
 --only NAME --case K`) draws and solves it alone. Its residual then agrees with the
-batched run's to rounding: the solve is the same, but a batch of another size is
-another compiled program.
+batched run's to rounding: the solve is the same, but a batch of another size (or of a
+group above `LONG_GROUP`, compiled with other options) is another compiled program.
 """
 
 import concurrent.futures
 import contextlib
 import dataclasses
+import heapq
+import itertools
 import math
 import os
 import threading
@@ -55,14 +67,22 @@ from .. import observers as _observers
 from . import _cache
 from .._flow import FlowError, default_save_times, flow, gradient_evaluations
 from .._status import Status
+from ..solvers import AutoStiff
 from ..trajectory import Trajectory
 
 CHUNK = 32
 """The most solves integrated together; a larger group is solved in chunks of this size
 (the last one padded by repeating members, so that every chunk has one compiled shape)."""
 
-WORKERS = min(2, os.cpu_count() or 1)
-"""How many groups of solves are compiled and integrated at once (threads)."""
+CORES = os.cpu_count() or 1
+"""How many programs are built (traced and compiled) or run at once, at most (see
+`_Gate`)."""
+
+WORKERS = 16
+"""How many groups of solves are in hand at once (threads). At most `CORES` of them are
+at work and one runs (see `_Gate`); the others wait, with their programs built or not,
+so that while a long chunk runs (`closed-form-odeco-cp`'s, 30 s on `--cases 100`),
+the other cores build the programs of the groups that follow."""
 
 _FLOW_KEYS = frozenset({"t1", "loss_tol", "loss_drop", "radius", "save_times", "observers",
                         "solver", "rtol", "atol", "max_steps", "throw"})
@@ -79,7 +99,9 @@ class Case:
     `extra` (free), `companions` (further [`gradflow.verify.Case`][]s to integrate
     with this one, e.g. a model with some components deleted; they are batched with
     the other solves of their shape, and their trajectories are in
-    `companion_trajectories`, in order, when the residual runs).
+    `companion_trajectories`, in order, when the residual runs), `cost` (optional: how
+    long the solve runs compared with the other solves of its shape, in any unit, where
+    its final time does not say; see `gradflow.verify.registry._solve_group`).
     """
 
     model: Any
@@ -89,6 +111,7 @@ class Case:
     extra: dict = dataclasses.field(default_factory=dict)
     companions: tuple = ()
     companion_trajectories: list = dataclasses.field(default_factory=list, repr=False)
+    cost: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,11 +309,11 @@ def _run(checks, cases, seed, case, on_result) -> list[Result]:
     compiled: dict[Any, bool] = {}
     results = []
     # Groups are solved in the order the checks first need them, WORKERS at a time:
-    # XLA compiles without holding the GIL, so one group compiles while the next traces.
+    # XLA compiles without holding the GIL, so groups compile while another one runs.
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=WORKERS)
     try:
-        futures = {signature: pool.submit(_solve_group, group)
-                   for signature, group in groups.items()}
+        futures = {signature: pool.submit(_solve_group, group, priority)
+                   for priority, (signature, group) in enumerate(groups.items())}
         for check in checks:
             for instance in instances[check.name]:
                 for solve in instance.solves:
@@ -427,10 +450,20 @@ _STATE = {"state": _state}
 
 
 COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
-"""XLA options of verify's batched programs. Compilation dominates a run (a solve of a
-few hundred steps on a few dozen weights runs in a tenth of a second), and XLA's
-lowest backend optimization level compiles them about 40% faster for a run time that
-stays far below the compile time."""
+"""XLA options of verify's programs for a group of at most `LONG_GROUP` solves.
+Compilation dominates a run of a few instances per check (a solve of a few hundred
+steps on a few dozen weights runs in a tenth of a second), and XLA's lowest backend
+optimization level compiles them about 40% faster for a run time that stays far below
+the compile time."""
+
+LONG_GROUP = CHUNK
+"""A group of more solves than this (`gradflow verify --cases 100`) is compiled with
+XLA's default options (`LONG_COMPILER_OPTIONS`): its programs run long enough that
+XLA's optimized code, which runs the solves 2-3x faster, repays the 1.5x longer
+compilation many times over."""
+
+LONG_COMPILER_OPTIONS: dict = {}
+"""XLA options of the programs of a group of more than `LONG_GROUP` solves."""
 
 _PROGRAMS: dict = {}
 """The batched programs built in this process: `(kind, signature, ..., batch size)` ->
@@ -494,35 +527,79 @@ def _avals(args) -> list:
     return [[list(np.shape(x)), str(x.dtype)] for x in args]
 
 
-_EXECUTION = threading.Lock()
-"""Held while a program of verify runs (a batched program, a solve alone, a residual):
-one at a time, while others are traced and compiled. XLA's CPU LAPACK kernels split a
-batch over the intra-op thread pool and wait for it, so two programs with batched
-SVDs or LU factorizations running at once on a pool of two threads (two cores) wait
-for each other forever."""
+class _Gate:
+    """Who may build a program and who may run one, in order of priority.
 
+    At most one program of verify runs at a time (a batched solve or observer program,
+    a solve alone, a residual): XLA's CPU LAPACK kernels split a batch over the
+    intra-op thread pool and wait for it, so two programs with batched SVDs or LU
+    factorizations running at once on a pool of two threads (two cores) wait for each
+    other forever. A program is built (traced and compiled) only while fewer than
+    `CORES` programs are being built or run (a run does not wait for builds). Waiting
+    threads are let in by priority: the thread's `priority` (its group's place in the
+    order the checks need them; the main thread's residuals first), then arrival. So
+    the programs are built in the order they will run, and while a long chunk runs,
+    the other cores build the programs of the groups that follow."""
+
+    def __init__(self):
+        self.condition = threading.Condition()
+        self.running = False
+        self.at_work = 0  # programs being built or run
+        self.queues = {"run": [], "build": []}  # heaps of (priority, arrival)
+        self.arrivals = itertools.count()
+
+    def _free(self, kind) -> bool:
+        return not self.running if kind == "run" else self.at_work < CORES
+
+    @contextlib.contextmanager
+    def enter(self, kind: str):
+        """Wait for a turn to `"run"` or `"build"` a program; the time spent waiting is
+        added up per thread (it is not a check's time)."""
+        start = time.perf_counter()
+        ticket = (getattr(_WAITED, "priority", -1), next(self.arrivals))
+        queue = self.queues[kind]
+        with self.condition:
+            heapq.heappush(queue, ticket)
+            self.condition.wait_for(lambda: queue[0] == ticket and self._free(kind))
+            heapq.heappop(queue)
+            self.at_work += 1
+            self.running |= kind == "run"
+            self.condition.notify_all()  # the next in the queue may be free to go too
+        _WAITED.seconds = _waited() + time.perf_counter() - start
+        try:
+            yield
+        finally:
+            with self.condition:
+                self.at_work -= 1
+                if kind == "run":
+                    self.running = False
+                self.condition.notify_all()
+
+
+_GATE = _Gate()
 
 _WAITED = threading.local()
+"""Per thread: `seconds` spent waiting at `_GATE`, and the thread's `priority` there."""
 
 
-@contextlib.contextmanager
 def _executing():
-    """Hold `_EXECUTION`; the time spent waiting for it is added up per thread (it is
-    not a check's time)."""
-    start = time.perf_counter()
-    with _EXECUTION:
-        _WAITED.seconds = _waited() + time.perf_counter() - start
-        yield
+    """Run a program at `_GATE` (one at a time)."""
+    return _GATE.enter("run")
+
+
+def _building():
+    """Build a program at `_GATE`."""
+    return _GATE.enter("build")
 
 
 def _waited() -> float:
     return getattr(_WAITED, "seconds", 0.0)
 
 
-def _compile(function, args, trace: bool):
-    """`function` jitted with `COMPILER_OPTIONS` and compiled for `args` (traced in
+def _compile(function, args, trace: bool, options):
+    """`function` jitted with the XLA `options` and compiled for `args` (traced in
     Equinox's nan mode when it is traced here)."""
-    jitted = jax.jit(function, compiler_options=COMPILER_OPTIONS)
+    jitted = jax.jit(function, compiler_options=options)
     if not trace:
         return jitted.lower(args).compile()
     with _cache.errors_as_nan():
@@ -532,9 +609,18 @@ def _compile(function, args, trace: bool):
 def _build(name, describe, function, args, use_disk=True):
     """The compiled program `name`: already built, loaded from disk, or traced (and then
     exported and kept on disk when the folder of `_cache` is set and its key can be
-    written); `((executable, entry name or None, loaded), whether built now)`."""
+    written); `((executable, entry name or None, loaded), whether built now)`. It is
+    compiled with `LONG_COMPILER_OPTIONS` when the last item of `name` is true, else
+    with `COMPILER_OPTIONS` (an exported program does not depend on them; JAX's cache
+    keeps a compiled executable per options)."""
     if name in _PROGRAMS:
         return _PROGRAMS[name], False
+    with _building():
+        return _build_now(name, describe, function, args, use_disk), True
+
+
+def _build_now(name, describe, function, args, use_disk):
+    options = LONG_COMPILER_OPTIONS if name[-1] else COMPILER_OPTIONS
     entry = None
     if _cache.directory() is not None:
         try:
@@ -545,7 +631,7 @@ def _build(name, describe, function, args, use_disk=True):
     program = None
     if exported is not None:
         try:
-            program = (_compile(exported.call, args, trace=False), entry, True)
+            program = (_compile(exported.call, args, False, options), entry, True)
             _LOADED[0] += 1
         except Exception:  # an entry that does not compile: trace the program again
             _cache.discard(entry)
@@ -562,13 +648,13 @@ def _build(name, describe, function, args, use_disk=True):
                 _cache.store(entry, data)
             except Exception:  # an output that cannot be written down: keep it in memory
                 pass
-            program = (_compile(exported.call, args, trace=False), None, False)
+            program = (_compile(exported.call, args, False, options), None, False)
     if program is None:
-        program = (_compile(function, args, trace=True), None, False)
+        program = (_compile(function, args, True, options), None, False)
     if not program[2]:
         _TRACES[0] += 1
     _PROGRAMS[name] = program
-    return program, True
+    return program
 
 
 def _call(name, describe, function, args):
@@ -588,20 +674,37 @@ def _call(name, describe, function, args):
         return jax.device_get(program(args)), True
 
 
-def _solve_group(group: list[_Solve]) -> bool:
+def _solve_group(group: list[_Solve], priority: int = 0) -> bool:
     """Integrate every pending solve of a group, in chunks; whether a program was built
-    (traced or loaded) for it."""
+    (traced or loaded) for it.
+
+    The solves are taken in order of their `Case.cost`, then of their final time `t1`
+    (a stable sort), rough measures of their length: a chunk runs until its longest
+    member is done, every member paying for every step, so chunks of solves of like
+    length waste the least (the CP family's group holds `cp-lemma1`'s solves to
+    t = 60 |Ω| and `closed-form-odeco-cp`'s to 1e6). A group whose solver is
+    [`gradflow.AutoStiff`][] is solved one member at a time, by one compiled program of
+    one member re-run with each member's values: batched, a step is a W step for every
+    member once any member is stiff, and such solves (`diagonal-limit`) differ in length
+    by orders of magnitude; alone, each takes its own steps. A group of more than
+    `LONG_GROUP` solves is compiled with `LONG_COMPILER_OPTIONS`."""
+    _WAITED.priority = priority  # (a thread of the pool: this group's, until it is done)
     todo = [s for s in group if s.trajectory is None and s.error is None]
     if not todo:
         return False
-    size = math.ceil(len(todo) / math.ceil(len(todo) / CHUNK))  # chunks of equal size
+    todo.sort(key=lambda s: (float(s.case.cost), float(np.asarray(s.problem.t1))))
+    long = len(todo) > LONG_GROUP
+    if _one_at_a_time(todo[0].problem):
+        size = 1
+    else:
+        size = math.ceil(len(todo) / math.ceil(len(todo) / CHUNK))  # chunks of equal size
     built = False
     for i in range(0, len(todo), size):
         chunk = todo[i:i + size]
         members = chunk + [chunk[j % len(chunk)] for j in range(size - len(chunk))]
         start, waited = time.perf_counter(), _waited()
         try:
-            out, observed, new = _solve_chunk(chunk[0].signature, members)
+            out, observed, new = _solve_chunk(chunk[0].signature, members, long)
             built |= new
         except Exception:  # a member that cannot run: solve each alone, to name it
             for s in chunk:
@@ -623,9 +726,19 @@ def _solve_group(group: list[_Solve]) -> bool:
     return built
 
 
-def _solve_chunk(signature, members):
+def _one_at_a_time(problem) -> bool:
+    """Whether the solves of `problem`'s group are solved one by one (see `_solve_group`)."""
+    return isinstance(problem.solver, AutoStiff)
+
+
+def _solve_chunk(signature, members, long=False):
     """Solve `members` (one signature) with the batched programs: the solve's outputs
-    and, per observer key, the observations at the save times and at the end."""
+    and, per observer key, the observations at the save times and at the end. The
+    solve is compiled with `LONG_COMPILER_OPTIONS` if `long`; the observers always with
+    `COMPILER_OPTIONS`, so that a residual is computed by the same code in any run (XLA's
+    optimized code rounds differently: at a stationary init of `htf-law`, where the
+    rates are zero and the residual is relative to them, the unoptimized code's exact
+    zeros became rounding noise of 1e-21, and the residual 0.33)."""
     parts = [eqx.partition(s.problem, eqx.is_array) for s in members]
     static = parts[0][1]
     # stacked in NumPy: jnp.stack would compile a program per leaf shape
@@ -636,7 +749,7 @@ def _solve_chunk(signature, members):
     size = len(members)
     args = [*dyn_leaves, save_ts]
     describe = lambda: ["solve", _cache.render(static), _avals(args)]
-    out, built = _call(("solve", signature, size), describe,
+    out, built = _call(("solve", signature, size, long), describe,
                        _solve_function(static, dyn_treedef), args)
     if len(out["model"]) != model_treedef.num_leaves:
         raise RuntimeError("the solve program's model does not match the problem's")
@@ -650,7 +763,7 @@ def _solve_chunk(signature, members):
         describe = lambda s=s, args=args: [
             "observe", _cache.render(static), _avals(args),
             [[n, _cache.render(f)] for n, f in s.observers.items()]]
-        values, new = _call(("observe", signature, s.observer_key, size), describe,
+        values, new = _call(("observe", signature, s.observer_key, size, False), describe,
                             _observe_function(static, dyn_treedef, model_treedef, s.observers),
                             args)
         built |= new
