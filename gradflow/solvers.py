@@ -11,7 +11,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-from .stiffness import AbstractStiffness, LargestComponents, default_stiffness
+from .stiffness import AbstractStiffness, LargestComponents, as_shifted_solve, default_stiffness
 
 
 class _Tableau(NamedTuple):
@@ -57,35 +57,11 @@ ROS34PW2 = _Tableau(
 )
 
 
-def _combine(coeffs, trees, base=None):
-    """`base + sum_i coeffs[i] * trees[i]` in one tree map, skipping zero coefficients
-    (Python-float coefficients, so the result keeps the trees' dtype)."""
-    used = [(float(c), tree) for c, tree in zip(coeffs, trees) if c != 0.0]
-    if base is not None:
-        used.insert(0, (1.0, base))
-    if not used:
-        return None
-    return jax.tree.map(lambda *xs: sum(c * x for (c, _), x in zip(used, xs)),
-                        *[tree for _, tree in used])
-
-
-def _damped_slope(solve, h, f):
-    """The slope $hf$ of the step's cubic Hermite dense output, damped in the stiff
-    directions: $r(hγW)\\,hf$ with $r = 1-(1-(I-hγW)^{-1})^3$, i.e.
-    $3S-3S^2+S^3$ for the step's factored solve $S=(I-hγW)^{-1}$.
-
-    Along a curvature $λ$ with $z=hγλ$, $r=1-(z/(1+z))^3$: $1-O(z^3)$ where the step
-    resolves the flow (the interpolant keeps its order: the slope changes by
-    $O(h^4)$), and $3/(1+z)$ where it does not. Undamped, a W step over a stiff
-    direction multiplies the state's small distance from the slow manifold
-    (within the tolerance) by $hλ$ in the slope, and the interpolant between the two
-    accurate ends swings by that much: a 2x2 depth-4 flow at rtol 1e-10 saved a loss
-    of 160 between steps whose ends had 0.0174. Three solves with the factors the
-    step already has; no gradient."""
-    s1 = solve(jax.tree.map(lambda x: h * x, f))
-    s2 = solve(s1)
-    s3 = solve(s2)
-    return jax.tree.map(lambda a, b, c: 3.0 * a - 3.0 * b + c, s1, s2, s3)
+def _combine_stacked(coeffs, stacked, base=None):
+    """`base + sum_i coeffs[i] * stacked[i]` for a tree of arrays stacked on their first
+    axis (coefficients cast to each array's dtype)."""
+    out = jax.tree.map(lambda s: jnp.tensordot(jnp.asarray(coeffs, s.dtype), s, axes=1), stacked)
+    return out if base is None else jax.tree.map(jnp.add, base, out)
 
 
 class RosenbrockW(dfx.AbstractAdaptiveSolver):
@@ -149,20 +125,33 @@ class RosenbrockW(dfx.AbstractAdaptiveSolver):
             lambda: jac,
         )
         age = jnp.where(fresh, 1, age + 1)
-        solve = jac.shifted(h * tab.gamma)
-        ks = []
-        for i in range(tab.stages):
-            f = f0 if i == 0 else terms.vf(t0, _combine(tab.a[i, :i], ks, y0), args)
-            rhs = jax.tree.map(lambda x: h * x, f)
-            coupled = _combine(tab.g[i, :i], ks)
-            if coupled is not None:
-                rhs = jax.tree.map(lambda r, x: r + h * x, rhs, jac.matvec(coupled))
-            ks.append(solve(rhs))
-        y1 = _combine(tab.b, ks, y0)
-        y_error = _combine(tab.b - tab.b_embedded, ks)
+        solve = as_shifted_solve(jac.shifted(h * tab.gamma))
+        scale = lambda tree: jax.tree.map(lambda x: h * x, tree)
+        # The stages after the first in a `lax.scan` (one traced gradient, matvec and
+        # solve instead of three); `ks` stacks the stage increments, zeros until set.
+        k0 = solve(scale(f0))
+        ks = jax.tree.map(lambda k: jnp.zeros((tab.stages,) + k.shape, k.dtype).at[0].set(k), k0)
+
+        def stage(ks, i):
+            y = _combine_stacked(jnp.asarray(tab.a)[i], ks, y0)
+            coupled = _combine_stacked(jnp.asarray(tab.g)[i], ks)
+            rhs = jax.tree.map(lambda f, w: h * (f + w), terms.vf(t0, y, args), jac.matvec(coupled))
+            return jax.tree.map(lambda buf, k: buf.at[i].set(k), ks, solve(rhs)), None
+
+        ks, _ = lax.scan(stage, ks, jnp.arange(1, tab.stages))
+        y1 = _combine_stacked(tab.b, ks, y0)
+        y_error = _combine_stacked(tab.b - tab.b_embedded, ks)
         f1 = terms.vf(t1, y1, args)
-        dense_info = dict(y0=y0, y1=y1, k0=_damped_slope(solve, h, f0),
-                          k1=_damped_slope(solve, h, f1))
+        # The slopes of the cubic Hermite dense output, damped in the stiff directions:
+        # r(hγW) hf with r = 1-(1-(I-hγW)^{-1})^3. Along a curvature λ with z = hγλ,
+        # r = 1-(z/(1+z))^3: 1-O(z^3) where the step resolves the flow (the
+        # interpolant keeps its order: the slope changes by O(h^4)), and 3/(1+z) where
+        # it does not. Undamped, a W step over a stiff direction multiplies the state's
+        # small distance from the slow manifold (within the tolerance) by hλ in the
+        # slope, and the interpolant between the two accurate ends swings by that much:
+        # a 2x2 depth-4 flow at rtol 1e-10 saved a loss of 160 between steps whose ends
+        # had 0.0174. Applied with the factors the step already has; no gradient.
+        dense_info = dict(y0=y0, y1=y1, k0=solve.damped(scale(f0)), k1=solve.damped(scale(f1)))
         return y1, y_error, dense_info, f1, jac, age, fresh
 
     def func(self, terms, t0, y0, args):
@@ -301,6 +290,9 @@ class AutoStiff(dfx.AbstractAdaptiveSolver):
                             jnp.array(False), zero, zero, zero)
 
     def step(self, terms, t0, t1, y0, args, state, made_jump):
+        return _autostiff_step(self, terms, t0, t1, y0, args, state)
+
+    def _step(self, terms, t0, t1, y0, args, state):
         h = t1 - t0
 
         def explicit(state):
@@ -365,6 +357,16 @@ class AutoStiff(dfx.AbstractAdaptiveSolver):
         and W steps, and linearisations built."""
         return dict(explicit_steps=state.explicit_steps, stiff_steps=state.stiff_steps,
                     linearisations=state.refreshes)
+
+
+@eqx.filter_jit
+def _autostiff_step(solver, terms, t0, t1, y0, args, state):
+    """`AutoStiff`'s step behind a `jit`, so that it is traced once per program (and
+    once for all programs of the same solver, shapes and dtypes): Diffrax traces a
+    solver's step four times for one solve (shape passes and the loop), and both of
+    AutoStiff's branches, the W step's linearisation included, are long to trace. XLA
+    inlines the call; the compiled program is the same."""
+    return solver._step(terms, t0, t1, y0, args, state)
 
 
 def _norm(tree):

@@ -17,9 +17,11 @@ the choice affects only speed, never accuracy.
 """
 
 import abc
+from collections.abc import Callable
 
 import equinox as eqx
 import jax
+from jax import lax
 import jax.numpy as jnp
 import jax.random as jr
 from jax.flatten_util import ravel_pytree
@@ -39,12 +41,46 @@ class AbstractLinearisation(eqx.Module):
     @abc.abstractmethod
     def shifted(self, c):
         """$x \\mapsto (I - cW)^{-1} x$ for a scalar $c \\ge 0$ (factored once, applied
-        to several $x$)."""
+        to several $x$): a callable, or an `AbstractShiftedSolve` that also offers
+        a cheaper `damped`."""
 
     @abc.abstractmethod
     def curvature(self) -> Float[Array, ""]:
         """An estimate of the largest eigenvalue of $-W$: the stiffest curvature, whose
         product with the step size says whether an explicit step would be stable."""
+
+
+class AbstractShiftedSolve(eqx.Module):
+    """$S=(I-cW)^{-1}$, factored once: what `AbstractLinearisation.shifted` may return.
+
+    `damped(x)` is $(I-(I-S)^3)\\,x = (3S-3S^2+S^3)\\,x$, the damping of the W steps'
+    dense output (`RosenbrockW`); by default three solves, which a
+    linearisation with structure (an eigenbasis, a block) does in one pass.
+    """
+
+    @abc.abstractmethod
+    def __call__(self, x):
+        """$Sx$."""
+
+    def damped(self, x):
+        s1 = self(x)
+        s2 = self(s1)
+        s3 = self(s2)
+        return jax.tree.map(lambda a, b, c: 3.0 * a - 3.0 * b + c, s1, s2, s3)
+
+
+class _CallableSolve(AbstractShiftedSolve):
+    """A plain callable returned by a user's `shifted`."""
+
+    solve: Callable
+
+    def __call__(self, x):
+        return self.solve(x)
+
+
+def as_shifted_solve(solve) -> AbstractShiftedSolve:
+    """What `shifted(c)` returned, as an `AbstractShiftedSolve`."""
+    return solve if isinstance(solve, AbstractShiftedSolve) else _CallableSolve(solve)
 
 
 class AbstractStiffness(eqx.Module):
@@ -67,10 +103,18 @@ class _ZeroLinearisation(AbstractLinearisation):
         return jax.tree.map(jnp.zeros_like, x)
 
     def shifted(self, c):
-        return lambda x: x
+        return _IdentitySolve()
 
     def curvature(self):
         return jnp.zeros(())
+
+
+class _IdentitySolve(AbstractShiftedSolve):
+    def __call__(self, x):
+        return x
+
+    def damped(self, x):
+        return x
 
 
 class Explicit(AbstractStiffness):
@@ -91,9 +135,12 @@ def _power_curvature(matvec, size: int, dtype, iterations: int = 12) -> Float[Ar
     that converges from below; 1.1x for safety)."""
     x = jnp.ones(size, dtype) + jnp.linspace(0.0, 1.0, size, dtype=dtype)
     x = x / jnp.linalg.norm(x)
-    for _ in range(iterations):
+
+    def iteration(_, x):
         y = matvec(x)
-        x = y / jnp.maximum(jnp.linalg.norm(y), jnp.finfo(dtype).tiny)
+        return y / jnp.maximum(jnp.linalg.norm(y), jnp.finfo(dtype).tiny)
+
+    x = lax.fori_loop(0, iterations, iteration, x)
     return 1.1 * jnp.vdot(x, matvec(x))
 
 
@@ -115,16 +162,29 @@ class _AbstractEigenLinearisation(AbstractLinearisation):
         return self.unflatten(jax.tree.map(jnp.zeros_like, x), v)
 
     def shifted(self, c):
-        damp = c * self.curvatures / (1.0 + c * self.curvatures)
-
-        def solve(x):
-            v = self.flatten(x)
-            return self.unflatten(x, v - self.eigvecs @ (damp * (self.eigvecs.T @ v)))
-
-        return solve
+        return _EigenSolve(self, c * self.curvatures / (1.0 + c * self.curvatures))
 
     def curvature(self):
         return jnp.max(self.curvatures, initial=0.0)
+
+
+class _EigenSolve(AbstractShiftedSolve):
+    """$S = I - V\\operatorname{diag}(d)V^\\top$ with $d = c\\lambda/(1+c\\lambda)$, so
+    $I-(I-S)^3 = I - V\\operatorname{diag}(d^3)V^\\top$."""
+
+    linearisation: _AbstractEigenLinearisation
+    damp: Float[Array, " k"]
+
+    def _apply(self, x, damp):
+        lin = self.linearisation
+        v = lin.flatten(x)
+        return lin.unflatten(x, v - lin.eigvecs @ (damp * (lin.eigvecs.T @ v)))
+
+    def __call__(self, x):
+        return self._apply(x, self.damp)
+
+    def damped(self, x):
+        return self._apply(x, self.damp**3)
 
 
 class _FlatEigen(_AbstractEigenLinearisation):
@@ -182,11 +242,32 @@ class _CholeskyBlock(_AbstractBlock, AbstractLinearisation):
 
     def shifted(self, c):
         eye = jnp.eye(self.hessian.shape[0], dtype=self.hessian.dtype)
-        factor = jax.scipy.linalg.cho_factor(eye + c * self.hessian)
-        return lambda x: self.unflatten(x, jax.scipy.linalg.cho_solve(factor, self.flatten(x)))
+        factor, lower = jax.scipy.linalg.cho_factor(eye + c * self.hessian)
+        return _CholeskySolve(self, factor, lower)
 
     def curvature(self):
         return self.largest
+
+
+class _CholeskySolve(AbstractShiftedSolve):
+    """$S$ on a block from the Cholesky factor of $I + cH$ (the identity elsewhere);
+    `damped` applies $3S-3S^2+S^3$ in the block's flat coordinates."""
+
+    block: _CholeskyBlock
+    factor: Float[Array, "n n"]
+    lower: bool = eqx.field(static=True)
+
+    def _solve(self, v):
+        return jax.scipy.linalg.cho_solve((self.factor, self.lower), v)
+
+    def __call__(self, x):
+        return self.block.unflatten(x, self._solve(self.block.flatten(x)))
+
+    def damped(self, x):
+        s1 = self._solve(self.block.flatten(x))
+        s2 = self._solve(s1)
+        s3 = self._solve(s2)
+        return self.block.unflatten(x, 3.0 * s1 - 3.0 * s2 + s3)
 
 
 class LargestComponents(AbstractStiffness):

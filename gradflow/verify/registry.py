@@ -449,12 +449,13 @@ def _state(t, model, objective):
 _STATE = {"state": _state}
 
 
-COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 """XLA options of verify's programs for a group of at most `LONG_GROUP` solves.
 Compilation dominates a run of a few instances per check (a solve of a few hundred
-steps on a few dozen weights runs in a tenth of a second), and XLA's lowest backend
-optimization level compiles them about 40% faster for a run time that stays far below
-the compile time."""
+steps on a few dozen weights runs in a tenth of a second): XLA's lowest backend
+optimization level compiles them about 40% faster, and its classic CPU emitter (not the
+MLIR fusion emitters, which compile every fused kernel through a pipeline of their own)
+halves what is left, for a run time that stays far below the compile time."""
 
 LONG_GROUP = CHUNK
 """A group of more solves than this (`gradflow verify --cases 100`) is compiled with
