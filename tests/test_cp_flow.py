@@ -11,6 +11,7 @@ import pytest
 
 import gradflow as gf
 from gradflow._solve import StopTime
+from gradflow.stiffness import AbstractLinearisation, as_shifted_solve
 from gradflow.analysis import cp as acp
 from gradflow.analysis.closed_forms import constant_gamma_hitting_time, logistic, product_flow_time
 
@@ -166,6 +167,63 @@ def test_rosenbrock_w_is_third_order(stiffness):
         errors.append(max(jax.tree.leaves(diff)))
     orders = np.log2(np.array(errors[:-1]) / np.array(errors[1:]))
     assert np.all((orders > 2.7) & (orders < 3.5)), orders
+
+
+@pytest.mark.parametrize("stiffness", [gf.Explicit(), gf.LargestComponents(3),
+                                       gf.LargestComponents(3, hessian="exact"),
+                                       gf.DenseHessian(), gf.GaussNewtonSubspace(rank=4)])
+def test_damped_slope_is_the_matrix_function_of_the_shifted_solve(stiffness):
+    # The W steps' dense output uses r(S) = I - (I - S)^3 with S = (I - cW)^-1, applied
+    # by each linearisation in one pass: against the dense matrix built from `matvec`.
+    model, objective = small_problem(seed=4, rank=4, scale=0.6)
+    lin = stiffness.linearise(model, objective)
+    flat, unravel = jax.flatten_util.ravel_pytree(model)
+    flatten = lambda tree: jax.flatten_util.ravel_pytree(tree)[0]
+    w = jax.vmap(lambda e: flatten(lin.matvec(unravel(e))), out_axes=1)(jnp.eye(flat.size))
+    c = 0.7 / max(float(lin.curvature()), 1e-3)  # c * curvature of order 1: r far from I
+    eye = jnp.eye(flat.size)
+    s = jnp.linalg.inv(eye - c * w)
+    r = eye - jnp.linalg.matrix_power(eye - s, 3)
+    x = jr.normal(jr.key(2), flat.shape)
+    solve = as_shifted_solve(lin.shifted(c))
+    np.testing.assert_allclose(flatten(solve(unravel(x))), s @ x, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(flatten(solve.damped(unravel(x))), r @ x, rtol=1e-10, atol=1e-12)
+    if not isinstance(stiffness, gf.Explicit):
+        assert float(jnp.max(jnp.abs(r @ x - x))) > 1e-2 * float(jnp.max(jnp.abs(x)))
+
+
+class _PlainShifted(gf.AbstractStiffness):
+    """A user's linearisation whose `shifted` returns a plain function."""
+
+    inner: gf.AbstractStiffness
+
+    def linearise(self, model, objective, previous=None):
+        return _PlainLinearisation(self.inner.linearise(model, objective))
+
+
+class _PlainLinearisation(AbstractLinearisation):
+    lin: AbstractLinearisation
+
+    def matvec(self, x):
+        return self.lin.matvec(x)
+
+    def shifted(self, c):
+        solve = self.lin.shifted(c)
+        return lambda x: solve(x)
+
+    def curvature(self):
+        return self.lin.curvature()
+
+
+def test_a_plain_function_from_shifted_gives_the_same_w_steps():
+    # The generic damping (three solves) and the Cholesky block's one pass agree.
+    model, objective = small_problem(seed=3, rank=4, scale=0.6)
+    saves = np.linspace(0.0, 20.0, 7)  # between steps: the dense output
+    run = lambda stiffness: gf.flow(model, objective, t1=20.0, save_times=saves,
+                                    solver=gf.RosenbrockW(stiffness), observers=["loss"])
+    plain, built_in = run(_PlainShifted(gf.LargestComponents(3))), run(gf.LargestComponents(3))
+    assert plain.stats["steps"] == built_in.stats["steps"]
+    np.testing.assert_allclose(plain["loss"], built_in["loss"], rtol=1e-12)
 
 
 def _block(stiffness, model, objective):
