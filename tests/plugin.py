@@ -1,9 +1,9 @@
 """pytest plugin of the test suite (loaded by pyproject's addopts, `-p tests.plugin`).
 
 One JAX persistent compilation cache for the whole run, shared by the xdist workers:
-`tests/conftest.py` drops each module's compiled programs when it ends (to bound the
-memory of a worker), so without it every module and every worker compiled the same small
-programs again (eager ops such as `jax.random.normal` of a shape, the models' `full()`).
+each worker would otherwise compile the same small programs as the other (eager ops such
+as `jax.random.normal` of a shape, the models' `full()`), and again after
+`tests/conftest.py` drops its compiled programs (when the worker's memory passes 3 GiB).
 Programs with host callbacks — the solves, whose Equinox run-time checks are callbacks —
 are never written to it by JAX, so it serves the small programs only (about 10% of the
 suite's CPU time).
