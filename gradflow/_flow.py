@@ -141,13 +141,16 @@ def flow(
                                                       else t1))
     start = time.perf_counter()
     try:
-        out = _observed(problem, jnp.asarray(save_times, problem.time_dtype), observers, meter)
+        out = _observed(problem, jnp.asarray(_padded(save_times), problem.time_dtype),
+                        observers, meter)
         jax.block_until_ready(out)
     except eqx.EquinoxRuntimeError as error:  # a check of the inputs, run in the solve
         raise ValueError(runtime_message(error)) from None
     wall = time.perf_counter() - start
 
     (saved, final), (saved_ts, _) = out.observed, out.observed_ts
+    saved = jax.tree.map(lambda x: x[: save_times.size], saved)
+    saved_ts = saved_ts[: save_times.size]
     t_final = float(out.t)
     keep = np.asarray(saved_ts) <= t_final
     saved_ts = np.asarray(saved_ts)[keep]
@@ -203,6 +206,14 @@ class AccuracyWarning(UserWarning):
     (`trajectory.stats["conservation_drift"]`)."""
 
     threshold = 1e-3
+
+
+def _padded(save_times: np.ndarray) -> np.ndarray:
+    """`save_times` repeated at its last time up to the next power of two (at least 8),
+    so that flows with different numbers of saves share one compiled solve (their extra
+    saves are dropped)."""
+    size = max(8, 1 << (save_times.size - 1).bit_length())
+    return np.concatenate([save_times, np.full(size - save_times.size, save_times[-1])])
 
 
 def gradient_evaluations(solver, stats) -> int | None:

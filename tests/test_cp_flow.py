@@ -129,6 +129,25 @@ def test_loss_stop_and_rank_of_solution():
     assert acp.tensor_rank_estimate(tr.model, 1e-2) == 2
 
 
+def test_flows_with_different_numbers_of_saves_share_one_program(monkeypatch):
+    # Save times are padded to a power of two: 3 and 7 saves trace (and compile) the
+    # solve once, and each trajectory holds exactly its own saves.
+    from gradflow import _solve
+
+    model, objective = small_problem(seed=2)
+    traced = []
+    original = _solve.run
+    monkeypatch.setattr(_solve, "run", lambda *a, **kw: traced.append(1) or original(*a, **kw))
+    long = gf.flow(model, objective, t1=4.0, save_times=np.linspace(0.0, 4.0, 7),
+                   observers=["loss"])
+    short = gf.flow(model, objective, t1=4.0, save_times=np.array([0.0, 2.0, 4.0]),
+                    observers=["loss"])
+    assert len(traced) == 1
+    np.testing.assert_array_equal(long.ts, np.linspace(0.0, 4.0, 7))
+    np.testing.assert_array_equal(short.ts, [0.0, 2.0, 4.0])
+    np.testing.assert_allclose(short["loss"], long["loss"][::3], rtol=1e-7)
+
+
 @pytest.mark.parametrize("solver, per_step", [(dfx.Tsit5(), 6), (dfx.Dopri8(), 13),
                                              (dfx.Heun(), 2)])
 def test_gradient_evaluations_of_diffrax_explicit_solvers(solver, per_step):

@@ -163,7 +163,8 @@ def test_conflicting_output_folder_is_refused(tmp_path):
 
 
 def test_four_host_devices_give_the_same_results(tmp_path, reference):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
+    env = dict(os.environ, XLA_FLAGS=flags.strip())  # with the run's compile options
     proc = _spawn(tmp_path, "fast", env)
     output = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, output
