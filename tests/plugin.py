@@ -3,7 +3,8 @@
 One JAX persistent compilation cache for the whole run, shared by the xdist workers:
 each worker would otherwise compile the same small programs as the other (eager ops such
 as `jax.random.normal` of a shape, the models' `full()`), and again after
-`tests/conftest.py` drops its compiled programs (when the worker's memory passes 3 GiB).
+`tests/conftest.py` drops its compiled programs (when the worker's memory has grown by
+6 GiB, which the default run does not reach).
 Programs with host callbacks — the solves, whose Equinox run-time checks are callbacks —
 are never written to it by JAX, so it serves the small programs only (about 10% of the
 suite's CPU time).

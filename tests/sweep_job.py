@@ -1,11 +1,11 @@
 """A small sweep run as a separate process by tests/test_sweep.py (devices, processes,
 kill, concurrent writers).
 
-Usage: `python sweep_job.py OUT MODE`, MODE one of `fast`, `slow` (a chunk takes >= 2 s),
-`process<i>of<n>:<port>` (one process of a JAX multi-process run) or `shared:<folder>`
-(a writer among others of one OUT: it waits until two writers have touched a file in
-<folder>, so that they start together, and prints `wrote chunk_NNNNN.npz` for each chunk
-it computed).
+Usage: `python sweep_job.py OUT MODE`, MODE one of `fast`, `stall` (the second chunk's
+write stalls halfway, for two minutes), `process<i>of<n>:<port>` (one process of a JAX
+multi-process run) or `shared:<folder>` (a writer among others of one OUT, whose chunks
+take at least 2 s each: it waits until two writers have touched a file in <folder>, so
+that they start together, and prints `wrote chunk_NNNNN.npz` for each chunk it computed).
 """
 
 import os
@@ -47,7 +47,18 @@ if __name__ == "__main__":
         ident, port = mode[len("process"):].split(":")
         index, count = (int(x) for x in ident.split("of"))
         jax.distributed.initialize(f"localhost:{port}", num_processes=count, process_id=index)
-    slow = mode == "slow"
+    if mode == "stall":  # the writer's test hook stalls the writes after the first
+        from gradflow import _sweep
+
+        write, written = _sweep._write_chunk, []
+
+        def stalling(path, chunk):
+            if written:
+                os.environ[_sweep.WRITE_DELAY_ENV] = "120"
+            write(path, chunk)
+            written.append(path)
+
+        _sweep._write_chunk = stalling
     if mode.startswith("shared:"):
         from gradflow import _sweep
 
@@ -63,6 +74,6 @@ if __name__ == "__main__":
         deadline = time.time() + 300
         while len(list(barrier.glob("ready_*"))) < 2 and time.time() < deadline:
             time.sleep(0.05)
-        slow = True
+    slow = mode.startswith("shared:")  # a chunk takes >= 2 s: the writers overlap
     result = run(out, progress=slow, delay=2.0 if slow else 0.0)
     print("devices", len(jax.local_devices()), "members", len(result), flush=True)

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -68,25 +69,6 @@ def test_compiled_once_and_equal_to_single_flows(reference):
         assert np.isnan(reference.observations["component_norms"][i, n:]).all()
 
 
-def test_resume_after_sigkill(tmp_path, reference):
-    proc = _spawn(tmp_path, "slow")
-    deadline = time.time() + 300
-    while not list(tmp_path.glob("chunk_*.npz")) and time.time() < deadline:
-        time.sleep(0.2)
-        assert proc.poll() is None, proc.stdout.read()
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    finished = sorted(p.name for p in tmp_path.glob("chunk_*.npz"))
-    assert 1 <= len(finished) < 3
-    before = {p: (tmp_path / p).stat().st_mtime_ns for p in finished}
-    resumed = sweep_job.run(tmp_path)
-    assert {p: (tmp_path / p).stat().st_mtime_ns for p in finished} == before  # not redone
-    assert len(list(tmp_path.glob("chunk_*.npz"))) == 3
-    assert not list(tmp_path.glob("*.tmp*"))
-    _same(resumed, reference)
-    _same(gf.SweepResult.load(tmp_path), reference)
-
-
 def _names_in(folder):
     return sorted(p.name for p in folder.iterdir())
 
@@ -95,28 +77,37 @@ CHUNKS = ["chunk_00000.npz", "chunk_00001.npz", "chunk_00002.npz"]
 
 
 def test_resume_after_sigkill_during_a_chunk_write(tmp_path, reference):
-    # The writer's test hook writes half of the chunk's temporary file, then sleeps
-    # before the rest and the rename: the kill lands inside the write.
-    env = dict(os.environ, GRADFLOW_SWEEP_WRITE_DELAY="120")
-    proc = _spawn(tmp_path, "fast", env)
+    # The job writes its first chunk; the writer's test hook writes half of the second
+    # chunk's temporary file, then sleeps before the rest and the rename: the kill lands
+    # inside that write, after a finished chunk.
+    out = tmp_path / "out"
+    proc = _spawn(out, "stall")
     deadline = time.time() + 300
-    while not list(tmp_path.glob(".chunk_*.tmp")) and time.time() < deadline:
+    while not list(out.glob(".chunk_00001.npz.*.tmp")) and time.time() < deadline:
         time.sleep(0.05)
         assert proc.poll() is None, proc.stdout.read()
     time.sleep(0.5)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    left = _names_in(tmp_path)
-    assert not [n for n in left if n.startswith("chunk_")]  # killed during the first write
+    left = _names_in(out)
+    assert [n for n in left if n.startswith("chunk_")] == CHUNKS[:1]  # finished before it
     temporary = [n for n in left if n.endswith(".tmp")]
-    assert len(temporary) == 1 and ".chunk_00000.npz.lock" in left  # a claim left by the dead
-    assert (tmp_path / temporary[0]).stat().st_size > 0
-    with pytest.raises(ValueError, match="no finished chunks"):  # temporary and lock files
-        gf.SweepResult.load(tmp_path)                             # are not results
-    resumed = sweep_job.run(tmp_path)  # takes over the dead writer's claim
-    assert _names_in(tmp_path) == CHUNKS + ["config.json"]  # its leftovers removed
+    assert len(temporary) == 1 and ".chunk_00001.npz.lock" in left  # a claim left by the dead
+    assert (out / temporary[0]).stat().st_size > 0
+    # temporary and lock files are not results
+    assert len(gf.SweepResult.load(out)) == 2
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    for name in ("config.json", temporary[0], ".chunk_00001.npz.lock"):
+        shutil.copy(out / name, alone / name)
+    with pytest.raises(ValueError, match="no finished chunks"):
+        gf.SweepResult.load(alone)
+    finished = (out / CHUNKS[0]).stat().st_mtime_ns
+    resumed = sweep_job.run(out)  # takes over the dead writer's claim
+    assert (out / CHUNKS[0]).stat().st_mtime_ns == finished  # not redone
+    assert _names_in(out) == CHUNKS + ["config.json"]  # its leftovers removed
     _same(resumed, reference)
-    _same(gf.SweepResult.load(tmp_path), reference)
+    _same(gf.SweepResult.load(out), reference)
 
 
 def test_concurrent_writers_of_one_folder_compute_each_chunk_once(tmp_path, reference):
