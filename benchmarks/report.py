@@ -246,6 +246,7 @@ def values(data=None) -> dict:
         out["verify.cold_s"], out["verify.warm_s"] = (r["wall_s"] for r in d["runs"])
         if "pytest" in d:
             out["verify.pytest_min"] = d["pytest"]["wall_s"] / 60
+            out["verify.pytest_cpu_min"] = d["pytest"]["cpu_s"] / 60
     d = data.get("verify_cases100")
     if d:
         run = d["runs"][0]
