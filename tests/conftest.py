@@ -108,8 +108,6 @@ def _keep_compiled_programs():
     gc.freeze()
 
 
-
-
 HEAVY_FIRST = ["test_sweep.py", "test_cp_flow.py", "test_accuracy.py", "test_inputs.py",
                "test_verify.py", "test_float32.py", "test_htf_experiments.py", "test_cli.py",
                "test_htf.py", "test_differentiable.py", "test_diagonal.py", "test_matrix.py",
