@@ -63,10 +63,15 @@ class AbstractShiftedSolve(eqx.Module):
         """$Sx$."""
 
     def damped(self, x):
-        s1 = self(x)
-        s2 = self(s1)
-        s3 = self(s2)
-        return jax.tree.map(lambda a, b, c: 3.0 * a - 3.0 * b + c, s1, s2, s3)
+        return _three_solves(self, x)
+
+
+def _three_solves(solve, x):
+    """$(3S-3S^2+S^3)\\,x$ from three applications of `solve` ($S$), on any pytree."""
+    s1 = solve(x)
+    s2 = solve(s1)
+    s3 = solve(s2)
+    return jax.tree.map(lambda a, b, c: 3.0 * a - 3.0 * b + c, s1, s2, s3)
 
 
 class _CallableSolve(AbstractShiftedSolve):
@@ -264,10 +269,7 @@ class _CholeskySolve(AbstractShiftedSolve):
         return self.block.unflatten(x, self._solve(self.block.flatten(x)))
 
     def damped(self, x):
-        s1 = self._solve(self.block.flatten(x))
-        s2 = self._solve(s1)
-        s3 = self._solve(s2)
-        return self.block.unflatten(x, 3.0 * s1 - 3.0 * s2 + s3)
+        return self.block.unflatten(x, _three_solves(self._solve, self.block.flatten(x)))
 
 
 class LargestComponents(AbstractStiffness):
