@@ -3,9 +3,10 @@ kill, concurrent writers).
 
 Usage: `python sweep_job.py OUT MODE`, MODE one of `fast`, `stall` (the second chunk's
 write stalls halfway, for two minutes), `process<i>of<n>:<port>` (one process of a JAX
-multi-process run) or `shared:<folder>` (a writer among others of one OUT, whose chunks
-take at least 2 s each: it waits until two writers have touched a file in <folder>, so
-that they start together, and prints `wrote chunk_NNNNN.npz` for each chunk it computed).
+multi-process run) or `shared:<folder>` (a writer among others of one OUT: its first
+chunk, once compiled, waits until two writers have touched a file in <folder>, so that
+the writers compute together; every chunk then takes at least 0.5 s; it prints
+`wrote chunk_NNNNN.npz` for each chunk it computed).
 """
 
 import os
@@ -21,28 +22,45 @@ GRID = {"scale": [0.3, 0.1, 0.03], "seed": [0, 1]}
 SAVE_TIMES = np.concatenate([[0.0], np.geomspace(1e-2, 1e9, 40)])
 
 
-def problem(params, delay=0.0):
+def problem(params, pause=None):
     import gradflow as gf
 
-    if delay:  # a chunk takes at least `delay` seconds, so a kill can land between chunks
-        jax.debug.callback(lambda: time.sleep(delay))
+    if pause is not None:  # called each time a chunk runs (compiled, before its solves)
+        jax.debug.callback(pause)
     dims = (3, 3, 3)
     truth = gf.random_cp_tensor(jr.key(0), dims, 2)
     objective = gf.Completion.from_tensor(truth, gf.sample_indices(jr.key(1), dims, 15))
     return gf.CP.gaussian(jr.key(params["seed"]), dims, 5, params["scale"]), objective
 
 
-def run(out, chunk_size=2, progress=False, delay=0.0):
+def run(out, chunk_size=2, progress=False, pause=None):
     import gradflow as gf
 
-    solve = problem if not delay else lambda params: problem(params, delay)
+    solve = problem if pause is None else lambda params: problem(params, pause)
     return gf.sweep(solve, GRID, t1=1e9, loss_drop=1e-3, save_times=SAVE_TIMES,
                     observers=["component_norms"], out=out, chunk_size=chunk_size,
                     order_by="scale", tag={"job": "tests/sweep_job.py"}, progress=progress)
 
 
+def _meet_then_wait(barrier: Path, seconds: float):
+    """A pause for `problem`: the first call waits for a second writer at `barrier`."""
+    met = []
+
+    def pause():
+        if not met:
+            (barrier / f"ready_{os.getpid()}").touch()
+            deadline = time.time() + 300
+            while len(list(barrier.glob("ready_*"))) < 2 and time.time() < deadline:
+                time.sleep(0.02)
+            met.append(True)
+        time.sleep(seconds)
+
+    return pause
+
+
 if __name__ == "__main__":
     out, mode = sys.argv[1], sys.argv[2]
+    pause = None
     if mode.startswith("process"):  # process<i>of<n>:<port>
         ident, port = mode[len("process"):].split(":")
         index, count = (int(x) for x in ident.split("of"))
@@ -69,11 +87,6 @@ if __name__ == "__main__":
             print("wrote", path.name, flush=True)
 
         _sweep._write_chunk = logged
-        barrier = Path(mode[len("shared:"):])
-        (barrier / f"ready_{os.getpid()}").touch()
-        deadline = time.time() + 300
-        while len(list(barrier.glob("ready_*"))) < 2 and time.time() < deadline:
-            time.sleep(0.05)
-    slow = mode.startswith("shared:")  # a chunk takes >= 2 s: the writers overlap
-    result = run(out, progress=slow, delay=2.0 if slow else 0.0)
+        pause = _meet_then_wait(Path(mode[len("shared:"):]), 0.5)
+    result = run(out, progress=pause is not None, pause=pause)
     print("devices", len(jax.local_devices()), "members", len(result), flush=True)

@@ -1,5 +1,6 @@
 """Sweeps: compiled once, equal to one-by-one flows, resumable, sharded, multi-process."""
 
+import contextlib
 import json
 import os
 import re
@@ -37,24 +38,39 @@ def _same(a, b):
                                b.observations["component_norms"], rtol=1e-10, atol=1e-14)
 
 
+@contextlib.contextmanager
+def _counting_traces():
+    """The list of the traces of sweep chunks' programs made inside the block
+    (`_sweep._member` is called when a chunk's program is traced, and only then)."""
+    from gradflow import _sweep
+
+    traces, member = [], _sweep._member
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_sweep, "_member", lambda *a: traces.append(1) or member(*a))
+        yield traces
+
+
+REFERENCE_TRACES = []
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    return sweep_job.run(tmp_path_factory.mktemp("reference"))
+    """sweep_job's sweep: 6 members in 3 chunks."""
+    with _counting_traces() as traces:
+        result = sweep_job.run(tmp_path_factory.mktemp("reference"))
+    REFERENCE_TRACES.extend(traces)
+    return result
 
 
 def test_compiled_once_and_equal_to_single_flows(reference):
-    traces = []
-
-    def counting(params):
-        traces.append(1)
-        return sweep_job.problem(params)
-
+    assert len(REFERENCE_TRACES) == 1  # one trace for its 3 chunks
     grid_a = {"scale": [0.3, 0.1], "seed": [0, 1]}
-    grid_b = {"scale": [0.2, 0.05], "seed": [2, 3]}  # same shape, other values
-    for grid in (grid_a, grid_b):
-        gf.sweep(counting, grid, t1=1e9, loss_drop=1e-3, save_times=sweep_job.SAVE_TIMES,
-                 observers=["component_norms"], chunk_size=2)
-    assert len(traces) == 1  # one trace for both grids and all their chunks
+    grid_b = {"scale": [0.2, 0.05], "seed": [2, 3]}  # same chunk shape, other values
+    with _counting_traces() as traces:
+        for grid in (grid_a, grid_b):
+            gf.sweep(sweep_job.problem, grid, t1=1e9, loss_drop=1e-3, chunk_size=2,
+                     save_times=sweep_job.SAVE_TIMES, observers=["component_norms"])
+    assert traces == []  # both grids, all their chunks: the reference's program
     assert reference.ok.all() and len(reference) == 6
     for i in (0, 5):
         params = {k: jnp.asarray(v[i]) for k, v in reference.params.items()}
@@ -153,23 +169,19 @@ def test_conflicting_output_folder_is_refused(tmp_path):
         gf.sweep(sweep_job.problem, {"scale": [0.3], "seed": [0]}, t1=1e9, out=tmp_path)
 
 
-def test_four_host_devices_give_the_same_results(tmp_path, reference):
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
-    env = dict(os.environ, XLA_FLAGS=flags.strip())  # with the run's compile options
-    proc = _spawn(tmp_path, "fast", env)
-    output = proc.communicate(timeout=600)[0]
-    assert proc.returncode == 0, output
-    assert "devices 4 members 6" in output
-    _same(gf.SweepResult.load(tmp_path), reference)
-
-
-def test_two_processes_split_the_sweep(tmp_path, reference):
+def test_two_processes_of_two_devices_split_the_sweep(tmp_path, reference):
+    # a JAX multi-process run: the processes split the chunks, and each process splits
+    # its chunks' members across its two (host) devices
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    procs = [_spawn(tmp_path, f"process{i}of2:{port}") for i in range(2)]
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
+    env = dict(os.environ, XLA_FLAGS=flags.strip())  # with the run's compile options
+    procs = [_spawn(tmp_path, f"process{i}of2:{port}", env) for i in range(2)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
+    # 3 chunks of 2 members: chunks 0 and 2 in process 0, chunk 1 in process 1
+    assert ["devices 2 members 4" in outputs[0], "devices 2 members 2" in outputs[1]] == [True] * 2
     assert len(list(tmp_path.glob("chunk_*.npz"))) == 3
     _same(gf.SweepResult.load(tmp_path), reference)
 
