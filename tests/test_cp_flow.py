@@ -287,9 +287,13 @@ def test_stop_time_bracketed_despite_noisy_condition():
     assert abs(float(sol.value) - 0.3) < 1e-8
 
 
+OBSERVED = ["loss", "component_norms", "parameters"]
+"""What the next two tests observe (one compiled solve for both)."""
+
+
 def test_pytree_observer_and_parameters():
     model, objective = small_problem()
-    tr = gf.flow(model, objective, t1=1.0, observers=["parameters"])
+    tr = gf.flow(model, objective, t1=1.0, observers=OBSERVED)
     assert isinstance(tr["parameters"], gf.CP)
     assert tr["parameters"].factors[0].shape == (len(tr.ts),) + model.factors[0].shape
     np.testing.assert_allclose(tr["parameters"].factors[1][-1], tr.model.factors[1], rtol=1e-13)
@@ -297,10 +301,12 @@ def test_pytree_observer_and_parameters():
 
 def test_trajectory_save_load_roundtrip(tmp_path):
     model, objective = small_problem()
-    tr = gf.flow(model, objective, t1=10.0, observers=["loss", "component_norms"])
+    tr = gf.flow(model, objective, t1=10.0, observers=OBSERVED)
     back = gf.Trajectory.load(tr.save(tmp_path / "t.npz"), like=model)
     np.testing.assert_array_equal(back.ts, tr.ts)
     np.testing.assert_array_equal(back["loss"], tr["loss"])
+    for leaf, again in zip(jax.tree.leaves(tr["parameters"]), back["parameters"], strict=True):
+        np.testing.assert_array_equal(again, leaf)  # a pytree comes back as its leaves
     np.testing.assert_array_equal(back.model.factors[0], tr.model.factors[0])
     assert back.status == tr.status and back.stats == tr.stats
 

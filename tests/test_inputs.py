@@ -23,6 +23,9 @@ DIMS = (3, 3, 3)
 TRUTH = gf.random_cp_tensor(jr.key(0), DIMS, 2)
 OBJECTIVE = gf.Completion.from_tensor(TRUTH, gf.sample_indices(jr.key(1), DIMS, 12))
 MODEL = gf.CP.gaussian(jr.key(2), DIMS, 4, 0.3)
+SOLVER = dfx.Tsit5()
+"""The solver of this module's solves: they test checks, stops and files, not the solver
+(the default one is tested by every theory test), and Tsit5's programs compile faster."""
 EXAMPLES = settings(max_examples=200, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
@@ -174,29 +177,30 @@ def test_one_validation_path_for_flow_final_state_and_sweep(monkeypatch):
     monkeypatch.setattr(_solve, "build", stricter)
     problem = lambda params: _problem(params)  # a new function: the sweep traces anew
     calls = {
-        "flow": lambda: gf.flow(MODEL, OBJECTIVE, t1=7.0),
-        "final_state": lambda: jax.block_until_ready(gf.final_state(MODEL, OBJECTIVE, t1=7.0).t),
-        "sweep": lambda: gf.sweep(problem, {"scale": [0.3], "seed": [0]}, t1=7.0),
+        "flow": lambda: gf.flow(MODEL, OBJECTIVE, t1=7.0, solver=SOLVER),
+        "final_state": lambda: jax.block_until_ready(
+            gf.final_state(MODEL, OBJECTIVE, t1=7.0, solver=SOLVER).t),
+        "sweep": lambda: gf.sweep(problem, {"scale": [0.3], "seed": [0]}, t1=7.0, solver=SOLVER),
         "sweep, t1 a grid axis": lambda: gf.sweep(
-            problem, {"scale": [0.3], "seed": [0], "t1": [5.0, 7.0]}, t1=10.0),
+            problem, {"scale": [0.3], "seed": [0], "t1": [5.0, 7.0]}, t1=10.0, solver=SOLVER),
     }
     for name, call in calls.items():
         before = len(built)
         with pytest.raises(Exception, match="new check"):
             call()
         assert len(built) > before, name
-    assert gf.final_state(MODEL, OBJECTIVE, t1=6.0).t == 6.0  # only t1 = 7 is refused
+    assert gf.final_state(MODEL, OBJECTIVE, t1=6.0, solver=SOLVER).t == 6.0  # only t1 = 7 is refused
 
 
 def test_traced_values_are_checked_at_run_time():
-    run = jax.jit(lambda t1: gf.final_state(MODEL, OBJECTIVE, t1=t1).t)
+    run = jax.jit(lambda t1: gf.final_state(MODEL, OBJECTIVE, t1=t1, solver=SOLVER).t)
     assert float(run(1.0)) == 1.0
     for bad in (-1.0, math.nan):  # -1 would integrate backwards: gradient ascent
         with pytest.raises(Exception, match="`t1` must be > 0"):
             jax.block_until_ready(run(bad))
     sweep_nan = lambda params: (_nan_model(params), OBJECTIVE)
     with pytest.raises(Exception, match="must be finite"):
-        gf.sweep(sweep_nan, {"scale": [0.3, 0.1]}, t1=10.0)
+        gf.sweep(sweep_nan, {"scale": [0.3, 0.1]}, t1=10.0, solver=SOLVER)
 
 
 def _nan_model(params):
@@ -217,13 +221,13 @@ def test_a_stop_met_at_the_start_ends_the_solve_there(stop):
     value = {"loss_tol": 2.0 * float(OBJECTIVE(MODEL)), "radius": 0.5 * float(MODEL.norm()),
              "loss_drop": 1.5}[stop]
     stops = ({} if stop == "loss_drop" else dict(NOT_MET)) | {stop: value}
-    tr = gf.flow(MODEL, OBJECTIVE, t1=10.0, **stops)
+    tr = gf.flow(MODEL, OBJECTIVE, t1=10.0, solver=SOLVER, **stops)
     assert tr.status == ("radius" if stop == "radius" else "loss") and tr.t_final == 0.0
     assert tr.stats["steps"] == 0 and tr.ok
-    end = gf.final_state(MODEL, OBJECTIVE, t1=10.0, **stops)
+    end = gf.final_state(MODEL, OBJECTIVE, t1=10.0, solver=SOLVER, **stops)
     assert float(end.t) == 0.0 and bool(end.ok)
     grid = {"scale": [0.3], "seed": [2]} | {k: [v] for k, v in stops.items()}
-    result = gf.sweep(_problem, grid, t1=10.0)
+    result = gf.sweep(_problem, grid, t1=10.0, solver=SOLVER)
     assert result.t_final[0] == 0.0 and list(result.status) == [tr.status]
 
 
@@ -244,19 +248,19 @@ def test_degenerate_and_ill_typed_inputs_are_refused():
         _refused(call, name)
     assert gf.CP.gaussian(jr.key(0), (3, 3), np.int64(2), 0.1).rank == 2
     # the default's value: the solve compiled once for the tests below
-    assert gf.flow(MODEL, OBJECTIVE, t1=1.0, max_steps=np.int64(100_000)).ok
+    assert gf.flow(MODEL, OBJECTIVE, t1=1.0, max_steps=np.int64(100_000), solver=SOLVER).ok
 
 
 def test_an_initial_loss_that_overflows_is_refused():
     huge = gf.CP(tuple(1e120 * f for f in MODEL.factors))
     with pytest.raises(ValueError, match="loss at the initial model is not finite"):
-        gf.flow(huge, OBJECTIVE, t1=1.0)
+        gf.flow(huge, OBJECTIVE, t1=1.0, solver=SOLVER)
     with pytest.raises(ValueError, match="loss at the initial model is not finite"):
         gf.descent(huge, OBJECTIVE, 0.1, steps=3)
 
 
 def test_trajectory_load_checks_the_model(tmp_path):
-    tr = gf.flow(MODEL, OBJECTIVE, t1=1.0)
+    tr = gf.flow(MODEL, OBJECTIVE, t1=1.0, solver=SOLVER)
     path = tr.save(tmp_path / "tr.npz")
     assert isinstance(gf.Trajectory.load(path, like=MODEL).model, gf.CP)
     with pytest.raises(ValueError, match="`like`.*CP"):
@@ -268,7 +272,7 @@ def test_trajectory_load_checks_the_model(tmp_path):
 def _sweep(out, **kw):
     return gf.sweep(_problem, {"scale": [0.3, 0.2, 0.1], "seed": [0]}, t1=50.0,
                     loss_drop=1e-2, out=out, chunk_size=1, observers=["component_norms"],
-                    save_times=np.linspace(0, 50, 6), **kw)
+                    save_times=np.linspace(0, 50, 6), solver=SOLVER, **kw)
 
 
 def test_sweep_files_left_by_others_are_not_results(tmp_path):
@@ -393,7 +397,7 @@ def test_a_runtime_check_in_a_sweep_member_is_a_short_error_naming_the_grid_axis
                      OBJECTIVE)
     # 1e-7 is fine in float64, not in float32 (standard promotion: see test_float32.py)
     with pytest.raises(ValueError) as info, jax.numpy_dtype_promotion("standard"):
-        gf.sweep(f32, {"scale": [0.3], "rtol": [1e-3, 1e-7]}, t1=10.0)
+        gf.sweep(f32, {"scale": [0.3], "rtol": [1e-3, 1e-7]}, t1=10.0, solver=SOLVER)
     message = str(info.value)
     assert message.startswith("`grid['rtol']` must be >= ") and "float32" in message
     assert "members [0, 1]" in message and len(message) < 300
@@ -405,7 +409,7 @@ def test_a_runtime_check_in_a_sweep_member_is_a_short_error_naming_the_grid_axis
 
     with pytest.raises(ValueError, match=r"^`objective`: the loss at the initial model is not "
                                          r"finite.*chunk 1.*members \[1\]"):
-        gf.sweep(overflows, {"scale": [0.1, 0.3]}, t1=10.0, chunk_size=1)
+        gf.sweep(overflows, {"scale": [0.1, 0.3]}, t1=10.0, chunk_size=1, solver=SOLVER)
 
 
 def test_a_corrupt_chunk_is_closed_after_failing_to_read(tmp_path):
@@ -413,16 +417,11 @@ def test_a_corrupt_chunk_is_closed_after_failing_to_read(tmp_path):
     import warnings
 
     (tmp_path / "config.json").write_text('{"save_times": [0.0, 1.0]}')
-    for data in (b"PK\x03\x04 not a zip", b"", b"\x93NUMPY"):
-        path = tmp_path / "chunk_00000.npz"
-        path.write_bytes(data)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-
-            def read():
-                with pytest.raises(ValueError, match="unreadable"):
-                    gf.SweepResult.load(tmp_path)
-
-            read()
-            gc.collect()
-        assert not [w for w in caught if issubclass(w.category, ResourceWarning)], data
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for data in (b"PK\x03\x04 not a zip", b"", b"\x93NUMPY"):
+            (tmp_path / "chunk_00000.npz").write_bytes(data)
+            with pytest.raises(ValueError, match="unreadable"):
+                gf.SweepResult.load(tmp_path)
+        gc.collect()  # one pass finalizes whatever the three reads left open
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]

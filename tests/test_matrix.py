@@ -135,14 +135,17 @@ def test_end_gradient_matches_hand_formula():
     np.testing.assert_allclose(am.end_gradient(model, objective), expected, atol=1e-15)
 
 
+RC_OBSERVERS = {"W": lambda t, m, o: m.full(), "s": lambda t, m, o: am.residual_scale(m, o)}
+"""What the two Razin–Cohen tests observe (one compiled solve for both)."""
+
+
 def test_razin_cohen_unperturbed():  # §2.3, checks R1, R2, M4
     objective = gf.Completion((2, 2), ALL_2X2, jnp.array([1.0, 1.0, 0.0]))
     model = DeepMatrix.balanced(jr.key(0), 0.1 * jnp.eye(2), (2, 2, 2, 2))
     identity = DeepMatrix.identity(2, 3, 0.1)
     np.testing.assert_allclose(model.full(), identity.full(), atol=1e-15)
     ts = np.linspace(0, 1500, 150)
-    observers = {"W": lambda t, m, o: m.full(), "s": lambda t, m, o: am.residual_scale(m, o)}
-    tr = gf.flow(model, objective, t1=1500.0, save_times=ts, observers=observers, **TIGHT)
+    tr = gf.flow(model, objective, t1=1500.0, save_times=ts, observers=RC_OBSERVERS, **TIGHT)
     w, s = tr["W"], tr["s"]
     np.testing.assert_allclose(s, np.sqrt(6 * tr["loss"]))
     assert np.all(np.linalg.det(w) > 0)
@@ -167,9 +170,8 @@ def test_razin_cohen_perturbed():  # §2.4, check R3
     end = DeepMatrix.gaussian(jr.key(3), (2, 2, 2, 2), std=0.5, det_sign=-1).full()
     assert np.linalg.det(end) < 0
     model = DeepMatrix.balanced(jr.key(4), end, (2, 2, 2, 2))
-    observers = {"W": lambda t, m, o: m.full(), "s": lambda t, m, o: am.residual_scale(m, o)}
     ts = np.linspace(0, 1500, 150)
-    tr = gf.flow(model, objective, t1=1500.0, save_times=ts, observers=observers, **TIGHT)
+    tr = gf.flow(model, objective, t1=1500.0, save_times=ts, observers=RC_OBSERVERS, **TIGHT)
     w, s = tr["W"], tr["s"]
     assert np.all(np.linalg.det(w) < 0)
     lower, upper = am.rc_perturbed_bounds(s, z, z2, eps)
