@@ -351,7 +351,8 @@ def final_state(
 
 @eqx.filter_jit
 def _final_state(problem, *, adjoint, throw) -> FinalState:
-    out = _solve.run(problem, adjoint=adjoint)
+    out = _solve.run(problem, adjoint=dfx.RecursiveCheckpointAdjoint() if adjoint is None
+                     else adjoint)
     t, model = out.t, out.model
     if throw:
         messages = [f"gradient flow did not finish: {s.message}." for s in Status]
