@@ -1,8 +1,8 @@
 """A small sweep run as a separate process by tests/test_sweep.py (devices, processes,
 kill, concurrent writers).
 
-Usage: `python sweep_job.py OUT MODE`, MODE one of `fast`, `stall` (the second chunk's
-write stalls halfway, for two minutes), `process<i>of<n>:<port>` (one process of a JAX
+Usage: `python sweep_job.py OUT MODE`, MODE one of `stall` (the second chunk's write
+stalls halfway, for two minutes), `process<i>of<n>:<port>` (one process of a JAX
 multi-process run) or `shared:<folder>` (a writer among others of one OUT: its first
 chunk, once compiled, waits until two writers have touched a file in <folder>, so that
 the writers compute together; every chunk then takes at least 0.5 s; it prints
